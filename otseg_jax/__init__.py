@@ -1,0 +1,1 @@
+"""OTSeg and related zero-shot segmentation methods in JAX/Flax."""
