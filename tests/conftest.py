@@ -1,0 +1,43 @@
+"""Shared test fixtures: the reference data in ../shared, float64 switching."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('OTSEG_SHARED', REPO.parent / 'shared'))
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+  """Path inside ../shared; skips the test when absent, fails when OTSEG_REQUIRE_SHARED=1."""
+  path = SHARED.joinpath(*parts)
+  if not path.exists():
+    message = (f'{path} not found: the reference data lives in ../shared beside the checkout '
+               '(set OTSEG_SHARED to point elsewhere).')
+    if os.environ.get('OTSEG_REQUIRE_SHARED') == '1':
+      pytest.fail(message + ' OTSEG_REQUIRE_SHARED=1, so this is an error.')
+    pytest.skip(message)
+  return path
+
+
+def load_reference(name: str) -> dict[str, np.ndarray]:
+  """All arrays of ../shared/reference/NAME as a dict."""
+  with np.load(shared_path('reference', name)) as f:
+    return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope='session')
+def otseg_small():
+  return load_reference('otseg_small.npz')
+
+
+@pytest.fixture(scope='session')
+def otseg_small_converged():
+  return load_reference('otseg_small_converged.npz')
+
+
+@pytest.fixture(scope='session')
+def otseg_holdout():
+  return load_reference('otseg_holdout.npz')
