@@ -1,0 +1,322 @@
+"""CLIP towers in linen: the ViT image encoder (with OTSeg's deep visual prompts), the text encoder.
+
+Module and parameter names follow OpenAI's clip/model.py (`conv1`, `ln_pre`,
+`transformer/resblocks_i`, `ln_1`, `attn`, `mlp/c_fc`, ...), so `clip_weights.py` is a mechanical
+rename + transpose. The fused `in_proj` of `nn.MultiheadAttention` is kept as three Dense layers
+`q_proj`, `k_proj`, `v_proj`.
+
+With `num_prompt_tokens = 0` the vision tower is plain CLIP (parity with OpenAI and HF). With
+prompts it is the OTSeg authors' `VPTCLIPVisionTransformer` (spec section 2;
+../shared/reference/README.md, behaviours 1-5), quirks included.
+
+Precision: matmuls run in `dtype`; LayerNorm and softmax in `promote_types(dtype, float32)`, so in
+float32 for bfloat16 towers and in float64 when `dtype` is float64.
+"""
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from otseg_jax import image_ops
+
+Dtype = Any
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, int):
+    return (size, size)
+  h, w = size
+  return (int(h), int(w))
+
+
+def _norm_dtype(dtype: Dtype) -> Dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def layer_norm(x: jax.Array, name: str, *, dtype: Dtype, param_dtype: Dtype,
+               epsilon: float = 1e-5) -> jax.Array:
+  """LayerNorm computed in at least float32 (as OpenAI's fp16-safe `LayerNorm`), output in `dtype`.
+
+  Must be called inside a compact method: it creates the submodule `name` there.
+  """
+  nd = _norm_dtype(dtype)
+  # use_fast_variance=False: E[(x - mean)^2], as torch computes it; E[x^2] - mean^2 loses digits.
+  y = nn.LayerNorm(epsilon=epsilon, dtype=nd, param_dtype=param_dtype, use_fast_variance=False,
+                   name=name)(x.astype(nd))
+  return y.astype(dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+class MultiheadAttention(nn.Module):
+  """Self-attention; separate q/k/v/out projections with bias; q scaled by 1/sqrt(head_dim)."""
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x (B, L, D), mask (L, L) bool (True = may attend) or None -> (B, L, D)."""
+    b, l, d = x.shape
+    if d % self.heads:
+      raise ValueError(f'Width {d} is not divisible by heads={self.heads}.')
+    hd = d // self.heads
+    dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q = dense('q_proj')(x).reshape(b, l, self.heads, hd)
+    k = dense('k_proj')(x).reshape(b, l, self.heads, hd)
+    v = dense('v_proj')(x).reshape(b, l, self.heads, hd)
+    logits = jnp.einsum('bqhc,bkhc->bhqk', q * (hd**-0.5), k).astype(_norm_dtype(self.dtype))
+    if mask is not None:
+      logits = jnp.where(mask, logits, -jnp.inf)  # the diagonal is always allowed: no all -inf row
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhc->bqhc', weights, v).reshape(b, l, d)
+    return dense('out_proj')(out)
+
+
+class Mlp(nn.Module):
+  """D -> 4D -> D with QuickGELU (OpenAI's `mlp` Sequential: c_fc, gelu, c_proj)."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x = nn.Dense(4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name='c_fc')(x)
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name='c_proj')(quick_gelu(x))
+
+
+class ResidualAttentionBlock(nn.Module):
+  """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+  No drop path: the reference builds DropPath but never applies it.
+  """
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x (B, L, D) -> (B, L, D)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = x + MultiheadAttention(self.heads, name='attn', **kw)(layer_norm(x, 'ln_1', **kw), mask)
+    return x + Mlp(name='mlp', **kw)(layer_norm(x, 'ln_2', **kw))
+
+
+class Transformer(nn.Module):
+  """`layers` residual blocks, named `resblocks_{i}`, with the deep-prompt token swap of VPT."""
+  layers: int
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
+               deep_prompts: jax.Array | None = None,
+               hidden_layers: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
+    """Runs the blocks.
+
+    Args:
+      x: (B, L, D) tokens; with `deep_prompts`, laid out [CLS, T prompts, rest].
+      mask: (L, L) bool attention mask (True = may attend), or None.
+      deep_prompts: (L_d, B, T, D) or None. Before block i (1 <= i <= L_d) the T prompt slots are
+        replaced by `deep_prompts[i - 1]`; before block L_d + 1 they are removed, leaving
+        [CLS, rest].
+      hidden_layers: block indices (0-based) whose outputs to return.
+
+    Returns:
+      (x (B, L', D), {i: output of block i (B, L_i, D)}).
+    """
+    hidden = {}
+    for i in range(self.layers):
+      if deep_prompts is not None:
+        depth, _, t, _ = deep_prompts.shape
+        if 1 <= i <= depth:
+          x = jnp.concatenate([x[:, :1], deep_prompts[i - 1].astype(x.dtype), x[:, 1 + t:]], axis=1)
+        elif i == depth + 1:
+          x = jnp.concatenate([x[:, :1], x[:, 1 + t:]], axis=1)
+      x = ResidualAttentionBlock(self.heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name=f'resblocks_{i}')(x, mask)
+      if i in hidden_layers:
+        hidden[i] = x
+    return x, hidden
+
+
+class VisionTransformer(nn.Module):
+  """CLIP ViT image encoder, optionally with OTSeg's deep visual prompts (VPT).
+
+  Attributes:
+    patch_size: p, the conv1 kernel and stride.
+    width: D.
+    layers: number of residual blocks.
+    heads: attention heads.
+    output_dim: C, the width after `proj`.
+    image_size: the configured input size, int or (H, W); the positional grid is image_size // p.
+    num_prompt_tokens: T; 0 = plain CLIP.
+    prompt_depth: L_d (the authors' total_d_layer), blocks 1..L_d get their own deep prompts.
+    prompt_dropout: dropout on the projected prompts in training (rng 'dropout').
+    double_class_embedding: the authors' VPT backbone adds class_embedding to the CLS positional
+      row as well, so token 0 carries it twice (README behaviour 1).
+    hidden_layers: block indices whose outputs `__call__` also returns.
+    dtype: computation dtype. param_dtype: parameter dtype at init.
+  """
+  patch_size: int
+  width: int
+  layers: int
+  heads: int
+  output_dim: int
+  image_size: int | tuple[int, int]
+  num_prompt_tokens: int = 0
+  prompt_depth: int = 0
+  prompt_dropout: float = 0.0
+  double_class_embedding: bool = False
+  hidden_layers: tuple[int, ...] = ()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def grid(self) -> tuple[int, int]:
+    """The positional-embedding grid (gh, gw) of the configured image size."""
+    h, w = _pair(self.image_size)
+    return (h // self.patch_size, w // self.patch_size)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False
+               ) -> tuple[jax.Array, jax.Array, dict[int, jax.Array]]:
+    """Encodes images.
+
+    Args:
+      images: (B, H, W, 3), already normalised. H, W need not match `image_size`: the positional
+        grid is resized bilinearly to (H // p, W // p) at run time (identity when equal).
+      train: enables prompt dropout.
+
+    Returns:
+      global_embedding (B, C): the CLS token; dense_embedding (B, h, w, C): the patch tokens;
+      hidden {i: (B, L_i, D)}: outputs of the blocks in `hidden_layers`. Embeddings are after
+      (`prompt_norm` and) `ln_post` and `@ proj`, NOT L2-normalised.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'VisionTransformer expects NHWC images (B, H, W, 3), got shape '
+                       f'{images.shape}; NCHW arrays need images.transpose(0, 2, 3, 1).')
+    p, d = self.patch_size, self.width
+    if images.shape[1] < p or images.shape[2] < p:
+      raise ValueError(f'Images of {images.shape[1]}x{images.shape[2]} are smaller than one '
+                       f'{p}x{p} patch.')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gh, gw = self.grid
+
+    x = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', use_bias=False, name='conv1',
+                **kw)(images)
+    b, h, w, _ = x.shape
+    x = x.reshape(b, h * w, d)
+
+    scale = d**-0.5
+    cls = self.param('class_embedding', nn.initializers.normal(scale), (d,), self.param_dtype)
+    pos = self.param('positional_embedding', nn.initializers.normal(scale), (1 + gh * gw, d),
+                     self.param_dtype)
+    cls, pos = cls.astype(self.dtype), pos.astype(self.dtype)
+    grid_pos = image_ops.resize_bilinear(pos[1:].reshape(gh, gw, d), (h, w), axes=(0, 1))
+    cls_pos = pos[:1] + cls if self.double_class_embedding else pos[:1]
+    pos = jnp.concatenate([cls_pos, grid_pos.reshape(h * w, d)], axis=0)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1) + pos
+    x = layer_norm(x, 'ln_pre', **kw)
+
+    deep = None
+    t = self.num_prompt_tokens
+    if t > 0:
+      # The authors' VPT init: uniform(+-sqrt(6 / (3 p^2 + D))); prompt_proj kaiming fan_out.
+      val = math.sqrt(6.0 / (3 * p * p + d))
+      init = nn.initializers.uniform(2 * val)
+      shifted = lambda key, shape, dtype: init(key, shape, dtype) - val
+      kaiming = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+      prompt_proj = nn.Dense(d, kernel_init=kaiming, name='prompt_proj', **kw)
+      drop = nn.Dropout(self.prompt_dropout, deterministic=not train)
+      shallow = self.param('prompt_embeddings', shifted, (1, t, d), self.param_dtype)
+      # Prompts enter after ln_pre, so ln_pre never normalises them (README behaviour 3).
+      shallow = drop(jnp.broadcast_to(prompt_proj(shallow.astype(self.dtype)), (b, t, d)))
+      x = jnp.concatenate([x[:, :1], shallow, x[:, 1:]], axis=1)
+      if self.prompt_depth > 0:
+        deep = self.param('deep_prompt_embeddings', shifted, (self.prompt_depth, t, d),
+                          self.param_dtype)
+        deep = prompt_proj(deep.astype(self.dtype))  # (L_d, T, D): the same shared projection
+        deep = drop(jnp.broadcast_to(deep[:, None], (self.prompt_depth, b, t, d)))
+
+    x, hidden = Transformer(self.layers, self.heads, name='transformer', **kw)(
+        x, deep_prompts=deep, hidden_layers=self.hidden_layers)
+
+    if t > 0:
+      # Quirk kept: prompt_norm (eps 1e-6) and then ln_post, two LayerNorms in a row.
+      x = layer_norm(x, 'prompt_norm', epsilon=1e-6, **kw)
+    x = layer_norm(x, 'ln_post', **kw)
+    proj = self.param('proj', nn.initializers.normal(scale), (d, self.output_dim), self.param_dtype)
+    x = x @ proj.astype(self.dtype)
+    return x[:, 0], x[:, -h * w:].reshape(b, h, w, self.output_dim), hidden
+
+
+class TextTransformer(nn.Module):
+  """CLIP text encoder: causal transformer, ln_final, pooled at the EOT token (argmax of ids)."""
+  vocab_size: int
+  context_length: int
+  width: int
+  layers: int
+  heads: int
+  output_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, token_ids: jax.Array) -> jax.Array:
+    """token_ids (B, L) int (L <= context_length, EOT the row maximum) -> (B, C), unnormalised."""
+    if token_ids.ndim != 2 or token_ids.shape[1] > self.context_length:
+      raise ValueError(f'TextTransformer expects token ids (B, L) with L <= {self.context_length}, '
+                       f'got shape {token_ids.shape}; tokenize with clip_weights.tokenize.')
+    if not jnp.issubdtype(token_ids.dtype, jnp.integer):
+      raise ValueError(f'Token ids must be integers, got {token_ids.dtype}.')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, l = token_ids.shape
+    x = nn.Embed(self.vocab_size, self.width, name='token_embedding', **kw)(token_ids)
+    pos = self.param('positional_embedding', nn.initializers.normal(0.01),
+                     (self.context_length, self.width), self.param_dtype)
+    x = x + pos[:l].astype(self.dtype)
+    causal = jnp.tril(jnp.ones((l, l), bool))
+    x, _ = Transformer(self.layers, self.heads, name='transformer', **kw)(x, mask=causal)
+    x = layer_norm(x, 'ln_final', **kw)
+    x = x[jnp.arange(b), jnp.argmax(token_ids, axis=-1)]
+    proj = self.param('text_projection', nn.initializers.normal(self.width**-0.5),
+                      (self.width, self.output_dim), self.param_dtype)
+    return x @ proj.astype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPSpec:
+  """Hyperparameters of both CLIP towers, as read from a checkpoint by `clip_weights.load_clip`."""
+  embed_dim: int  # C, the joint embedding width
+  image_size: tuple[int, int]  # the size the positional grid is laid out for
+  patch_size: int
+  vision_width: int
+  vision_layers: int
+  vision_heads: int
+  context_length: int
+  vocab_size: int
+  text_width: int
+  text_layers: int
+  text_heads: int
+
+  def vision_tower(self, dtype: Dtype = jnp.float32, **kwargs) -> VisionTransformer:
+    """The image encoder; `kwargs` set the other fields (prompts, hidden_layers, param_dtype)."""
+    return VisionTransformer(patch_size=self.patch_size, width=self.vision_width,
+                             layers=self.vision_layers, heads=self.vision_heads,
+                             output_dim=self.embed_dim, image_size=self.image_size, dtype=dtype,
+                             **kwargs)
+
+  def text_tower(self, dtype: Dtype = jnp.float32, **kwargs) -> TextTransformer:
+    """The text encoder; `kwargs` may set param_dtype."""
+    return TextTransformer(vocab_size=self.vocab_size, context_length=self.context_length,
+                           width=self.text_width, layers=self.text_layers, heads=self.text_heads,
+                           output_dim=self.embed_dim, dtype=dtype, **kwargs)

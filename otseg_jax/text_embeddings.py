@@ -1,0 +1,175 @@
+"""Per-class prompt embeddings from the CLIP text tower (spec section 3), and the command for them.
+
+  python -m otseg_jax.text_embeddings --clip openai/clip-vit-base-patch16 --dataset voc12 \\
+      --out voc12_otseg.npy
+
+The result is a (K, N, C) float32 array: for each of K class names and N templates, the CLIP text
+feature of `template.format(name)` (EOT token after ln_final, @ text_projection), L2-normalised.
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from otseg_jax import classes as classes_lib
+from otseg_jax.models import clip_weights
+
+DEFAULT_TOKENIZER = 'openai/clip-vit-base-patch16'
+
+
+def check_prompts(class_names: Sequence[str], templates: Sequence[str]) -> None:
+  """Raises ValueError for an empty class list, no templates, or a template without '{}'."""
+  if not class_names:
+    raise ValueError('The class list is empty: give at least one class name.')
+  if not templates:
+    raise ValueError('No prompt templates: give at least one, e.g. "a photo of a {}.".')
+  bad = [t for t in templates if '{}' not in t]
+  if bad:
+    raise ValueError(f'Templates must contain "{{}}" where the class name goes; these do not: '
+                     f'{bad}.')
+
+
+def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
+                            class_names: Sequence[str], templates: Sequence[str],
+                            batch_size: int = 256, progress: bool = False) -> np.ndarray:
+  """CLIP text features of every (class, template) prompt.
+
+  Args:
+    spec, params: from `clip_weights.load_clip` (only `params['text']` is read).
+    tokenizer: from `clip_weights.load_tokenizer`.
+    class_names: K names; templates: N strings with '{}'.
+    batch_size: prompts per text-tower call (the last batch is padded, so one compilation).
+    progress: show a progress bar.
+
+  Returns:
+    (K, N, C) float32, each (k, n) row L2-normalised.
+  """
+  check_prompts(class_names, templates)
+  texts = [t.format(name) for name in class_names for t in templates]
+  tokens = clip_weights.tokenize(tokenizer, texts, spec.context_length)
+  model = spec.text_tower()
+  encode = jax.jit(lambda p, ids: model.apply({'params': p}, ids))
+  batch = min(batch_size, len(tokens))
+  feats = []
+  import tqdm
+  with tqdm.tqdm(total=len(tokens), unit='prompt', disable=not progress, file=sys.stderr) as bar:
+    for start in range(0, len(tokens), batch):
+      chunk = tokens[start:start + batch]
+      padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+      feats.append(np.asarray(encode(params['text'], padded), np.float32)[:len(chunk)])
+      bar.update(len(chunk))
+  feats = np.concatenate(feats)
+  feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+  return feats.reshape(len(class_names), len(templates), -1).astype(np.float32)
+
+
+def read_templates(arg: str) -> tuple[str, ...]:
+  """'otseg6' | 'otseg8' | a text file with one template per line (blank lines skipped)."""
+  if arg in ('otseg6', 'otseg8'):
+    return classes_lib.templates(arg)
+  try:
+    lines = pathlib.Path(arg).read_text(encoding='utf-8').splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f'Cannot read the template file {arg!r} ({e.__class__.__name__}: {e}); '
+                     'pass otseg6, otseg8 or a readable UTF-8 text file, one template per '
+                     'line.') from e
+  templates = tuple(line.strip() for line in lines if line.strip())
+  if not templates:
+    raise ValueError(f'The template file {arg!r} holds no templates.')
+  return templates
+
+
+def read_classes_file(path: str) -> tuple[str, ...]:
+  try:
+    lines = pathlib.Path(path).read_text(encoding='utf-8').splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f'Cannot read the classes file {path!r} ({e.__class__.__name__}: {e}).') from e
+  return tuple(line.strip() for line in lines if line.strip())
+
+
+def save_npy_atomic(path, array: np.ndarray) -> None:
+  """np.save to a temporary file beside `path`, then os.replace: readers never see half a file."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.save(f, array)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m otseg_jax.text_embeddings',
+                              description='Writes (K, N, C) L2-normalised CLIP text embeddings.')
+  p.add_argument('--clip', required=True,
+                 help='HF CLIP directory, hub id (openai/clip-vit-base-patch16) or OpenAI .pt '
+                 'file.')
+  p.add_argument('--tokenizer', default=None,
+                 help='tokenizer directory or hub id (default: the --clip directory if it has '
+                 f'tokenizer files, else {DEFAULT_TOKENIZER}).')
+  which = p.add_mutually_exclusive_group(required=True)
+  which.add_argument('--dataset', choices=classes_lib.dataset_names())
+  which.add_argument('--classes', help='comma-separated class names, e.g. "cat,dog,tree".')
+  which.add_argument('--classes-file', help='text file with one class name per line.')
+  p.add_argument('--templates', default=None,
+                 help='otseg6 | otseg8 | a file with one template per line (default: the '
+                 "dataset's set, otseg8 for custom classes).")
+  p.add_argument('--out', required=True, help='output .npy path.')
+  p.add_argument('--batch-size', type=int, default=256)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  # Check the cheap inputs before loading any weights.
+  try:
+    if args.dataset:
+      dataset = classes_lib.get(args.dataset)
+      names, default_templates = dataset.classes, dataset.templates
+    elif args.classes is not None:
+      names = tuple(c.strip() for c in args.classes.split(',') if c.strip())
+      default_templates = 'otseg8'
+    else:
+      names = read_classes_file(args.classes_file)
+      default_templates = 'otseg8'
+    templates = read_templates(args.templates or default_templates)
+    check_prompts(names, templates)
+  except ValueError as e:
+    parser.error(str(e))
+  if not args.out.endswith('.npy'):
+    parser.error(f'--out {args.out!r} must end in .npy.')
+
+  tokenizer_src = args.tokenizer
+  if tokenizer_src is None:
+    clip_path = pathlib.Path(args.clip)
+    if clip_weights.has_tokenizer_files(clip_path):
+      tokenizer_src = args.clip
+    elif not clip_path.exists() and clip_weights.looks_like_hub_id(args.clip):
+      tokenizer_src = args.clip  # hub CLIP repos ship their tokenizer
+    else:
+      tokenizer_src = DEFAULT_TOKENIZER
+  try:
+    spec, params = clip_weights.load_clip(args.clip)
+    tokenizer = clip_weights.load_tokenizer(tokenizer_src)
+  except (FileNotFoundError, clip_weights.CheckpointError) as e:
+    parser.error(str(e))
+  print(f'{len(names)} classes x {len(templates)} templates, CLIP {args.clip}, '
+        f'tokenizer {tokenizer_src}', file=sys.stderr)
+  emb = compute_text_embeddings(spec, params, tokenizer, names, templates,
+                                batch_size=args.batch_size, progress=True)
+  save_npy_atomic(args.out, emb)
+  print(f'wrote {args.out}: {emb.shape} {emb.dtype}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  main()
