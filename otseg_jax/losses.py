@@ -1,0 +1,113 @@
+"""OTSeg's training losses: sigmoid focal + dice per class map, as the authors' `SegLossPlus`.
+
+Maps are channels-last: logits (B, H, W, K) over the K seen classes, labels (B, H, W) ints after
+the visibility mapping (seen class i -> i, everything else, unseen classes included, -> 255).
+All shapes are static: the authors loop over the classes present in each image; here every
+(b, k) term is computed and the dice terms are masked by presence.
+"""
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = 255
+
+
+def segmentation_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    focal_weight: float = 100.0,
+    dice_weight: float = 1.0,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    axis_name: str | None = None,
+) -> dict[str, jax.Array]:
+  """Weighted focal and dice losses of one logit map, normalised by the number of masks.
+
+  With t[b, h, w, k] = (labels[b, h, w] == k), p = sigmoid(logits), P = H * W:
+  - focal = sum_{b,k} mean_{h,w} alpha_t * BCE(logits, t) * (1 - p_t)^gamma / num_masks, over ALL
+    K channels and ALL pixels. Quirk kept from the reference: ignored (255) pixels are not
+    excluded; their target is 0 for every class, so they count as negatives.
+  - dice = sum over present (b, k) of 1 - (2 sum_{h,w} p t + 1) / (sum p + sum t + 1), / num_masks.
+    Class k is present in image b when some pixel of labels[b] equals k; 255 pixels enter the
+    sums as negatives.
+  - num_masks = max(1, number of present (b, k) pairs).
+  The returned `loss_mask` is focal_weight * focal and `loss_dice` is dice_weight * dice.
+
+  Devices: without `axis_name`, `logits` is the global batch. With `axis_name` (called inside
+  pmap / shard_map / a named vmap, `logits` being this device's shard), the count of present pairs
+  is `lax.psum`'d over that axis, and the returned losses are this device's share S_d / num_masks,
+  where S_d sums this shard's terms and num_masks = max(1, global count). Summing the returned
+  losses over devices therefore gives exactly the global-batch loss, and summing the per-device
+  gradients gives its gradient: `lax.psum` them under pmap or `shard_map(check_vma=False)`; with
+  shard_map's default vma checks, differentiating the psum'd loss w.r.t. replicated parameters
+  already sums them (do not psum twice). Do not average over devices: the 1/num_devices is already
+  in num_masks. The authors' DDP criterion divides S_d by max(1, count / world_size) and averages
+  gradients over devices: the same gradient whenever the global count is at least the world size.
+
+  Computed in float32 (float64 if `logits` is float64) whatever the model dtype; focal through
+  log_sigmoid, so large logits give neither inf nor NaN in the loss or its gradient.
+
+  Args:
+    logits: (B, H, W, K) mask logits.
+    labels: (B, H, W) int labels in [0, K) or 255 (any other value is also treated as ignore).
+    focal_weight: weight of the focal term (the authors' mask_weight).
+    dice_weight: weight of the dice term.
+    alpha: focal balance for positives (negatives get 1 - alpha).
+    gamma: focal exponent.
+    axis_name: mapped device axis to sum num_masks over, or None.
+
+  Returns:
+    dict with `loss_mask` (), `loss_dice` () and `num_masks` () (the global, clamped count).
+  """
+  x = jnp.asarray(logits)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  dtype = x.dtype
+  k = x.shape[-1]
+  # one_hot gives an all-zero row for 255 and any other out-of-range label.
+  t = jax.nn.one_hot(labels, k, dtype=dtype)  # (B, H, W, K)
+
+  # With z = x for positives and -x for negatives: BCE = -log sigmoid(z), 1 - p_t = sigmoid(-z).
+  z = jnp.where(t > 0, x, -x)
+  alpha_t = jnp.where(t > 0, alpha, 1.0 - alpha)
+  focal = alpha_t * -jax.nn.log_sigmoid(z) * jnp.exp(gamma * jax.nn.log_sigmoid(-z))
+  focal = jnp.sum(jnp.mean(focal, axis=(1, 2)))
+
+  p = jax.nn.sigmoid(x)
+  numerator = 2.0 * jnp.sum(p * t, axis=(1, 2))  # (B, K)
+  denominator = jnp.sum(p, axis=(1, 2)) + jnp.sum(t, axis=(1, 2))
+  present = jnp.any(t > 0, axis=(1, 2))  # (B, K)
+  dice = jnp.sum(jnp.where(present, 1.0 - (numerator + 1.0) / (denominator + 1.0), 0.0))
+
+  count = jnp.sum(present).astype(dtype)
+  if axis_name is not None:
+    count = jax.lax.psum(count, axis_name)
+  num_masks = jnp.maximum(count, 1.0)
+  return dict(loss_mask=focal_weight * focal / num_masks,
+              loss_dice=dice_weight * dice / num_masks,
+              num_masks=num_masks)
+
+
+def otseg_loss(
+    outputs: dict[str, jax.Array], labels: jax.Array, **kwargs) -> dict[str, jax.Array]:
+  """OTSeg's four training terms: focal and dice on the decoder map and on the MPS score map.
+
+  Args:
+    outputs: `decoder` (B, H, W, K) and `score` (B, H, W, K) logits, the head's two train maps.
+    labels: (B, H, W) int, visibility-mapped, 255 = ignore.
+    **kwargs: passed to `segmentation_loss` (weights, alpha, gamma, axis_name).
+
+  Returns:
+    dict with `decode.loss_mask`, `decode.loss_dice`, `score.loss_mask`, `score.loss_dice` (the
+    reference's `loss/*` names), `total` (their sum) and `num_masks`; see `segmentation_loss` for
+    what they mean under `axis_name`.
+  """
+  losses = {}
+  for prefix, key in (('decode', 'decoder'), ('score', 'score')):
+    terms = segmentation_loss(outputs[key], labels, **kwargs)
+    losses[f'{prefix}.loss_mask'] = terms['loss_mask']
+    losses[f'{prefix}.loss_dice'] = terms['loss_dice']
+  # Both maps share labels, hence num_masks.
+  losses['num_masks'] = terms['num_masks']
+  losses['total'] = sum(v for name, v in losses.items() if '.loss_' in name)
+  return losses
