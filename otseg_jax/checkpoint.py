@@ -1,0 +1,68 @@
+"""Parameter checkpoints: what `convert` writes and what training and evaluation load.
+
+Layout of a checkpoint directory:
+  DIR/params/         orbax PyTree checkpoint of the parameter tree (dtypes kept)
+  DIR/metadata.json   free-form JSON (source file, model config, unused tensors, ...)
+
+The whole directory is written under a temporary name beside DIR and renamed into place at the
+end, so a crash never leaves a half-written DIR behind.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def save_params(directory: str | os.PathLike, params: Any, metadata: dict | None = None, *,
+                overwrite: bool = False) -> pathlib.Path:
+  """Writes `params` (a pytree of arrays) and `metadata` (JSON-serialisable) to `directory`.
+
+  Returns the absolute path written. Raises FileExistsError if it exists and not `overwrite`.
+  """
+  directory = pathlib.Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f'{directory} exists: pass overwrite=True (--overwrite) or choose '
+                          'another output directory.')
+  text = json.dumps(metadata or {}, indent=1, sort_keys=True)  # Fails early if not JSON.
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-', dir=directory.parent))
+  try:
+    params = jax.tree.map(np.asarray, params)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      ckptr.save(tmp / 'params', params)
+    (tmp / 'metadata.json').write_text(text)
+    if directory.exists():
+      old = tmp.with_name(tmp.name + '-old')
+      os.replace(directory, old)
+      os.replace(tmp, directory)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, directory)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return directory
+
+
+def load_params(directory: str | os.PathLike) -> tuple[Any, dict]:
+  """(params as nested dicts of numpy arrays, metadata) from a `save_params` directory."""
+  directory = pathlib.Path(directory).absolute()
+  if not (directory / 'params').is_dir() or not (directory / 'metadata.json').is_file():
+    raise FileNotFoundError(
+        f'{directory} is not a parameter checkpoint (expected params/ and metadata.json in it). '
+        'Create one with `python -m otseg_jax.convert` or point to the right directory.')
+  try:
+    metadata = json.loads((directory / 'metadata.json').read_text())
+    with ocp.PyTreeCheckpointer() as ckptr:
+      params = ckptr.restore(directory / 'params')
+  except Exception as e:  # orbax and json raise many types; all mean the same to the caller.
+    raise ValueError(f'{directory} is corrupt or unreadable ({type(e).__name__}: {e}). '
+                     'Re-create it with `python -m otseg_jax.convert`.') from e
+  return jax.tree.map(np.asarray, params), metadata
