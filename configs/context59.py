@@ -1,0 +1,12 @@
+r"""OTSeg on context59: `--config configs/context59.py:SETTING`, SETTING = inductive (default) | transductive |
+fully_supervised. Transductive training starts from an inductive run:
+
+  python train.py --config configs/context59.py:transductive --workdir runs/context59_st \
+      --config.init_from=runs/context59_inductive
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.make_config('context59', arg or 'inductive')

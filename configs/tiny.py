@@ -1,0 +1,31 @@
+r"""A tiny synthetic config for tests: patch 8, width 32, 2 layers, 32 x 32 images, seconds per run.
+
+Argument: the setting (inductive by default), as configs/synthetic.py.
+"""
+
+from configs import synthetic
+
+
+def get_config(arg=None):
+  config = synthetic.get_config(arg)
+  config.data.synthetic = dict(image_size=32, num_train=1024, num_val=16, embed_dim=32,
+                               num_prompts=4, seed=0)
+  config.data.num_threads = 1
+  m = config.model
+  m.image_size = 32
+  m.backbone.update(patch_size=8, width=32, layers=2, heads=2, output_dim=32,
+                    num_prompt_tokens=2, prompt_depth=1)
+  m.head.update(decoder_layers=2)
+  # Fewer Sinkhorn iterations at most: the tests run on two shared CPU cores.
+  m.ot.max_iterations = 20
+  config.batch_size = 8
+  config.num_train_steps = 6
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.async_checkpointing = False
+  config.tensorboard = False
+  config.eval.crop_size = 32
+  config.eval.stride = 32
+  config.eval.batch_size = 8
+  config.eval.num_overlays = 2
+  return config

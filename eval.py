@@ -1,0 +1,46 @@
+r"""Evaluates a checkpoint: `python eval.py --config CONFIG[:ARG] --checkpoint DIR [--outdir DIR]`.
+
+  python eval.py --config configs/synthetic.py --checkpoint demo_output
+  python eval.py --config configs/voc12.py:inductive --checkpoint runs/voc12
+  python eval.py --config configs/cross_dataset.py:coco_to_voc --checkpoint runs/coco_st
+
+Slide inference with the config's eval crop / stride over the whole eval split; prints seen mIoU,
+unseen mIoU, hIoU and mIoU; writes results.json, per_class.md, per_class_iou.png and overlays/.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from otseg_jax import evaluate
+from otseg_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file and argument, e.g. configs/voc12.py:inductive.', lock_config=True)
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None,
+                                  'Training workdir or parameter checkpoint directory.')
+_OUTDIR = flags.DEFINE_string('outdir', None, 'Reports; default CHECKPOINT/eval_<data>_<split>.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0, for multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+flags.mark_flags_as_required(['config', 'checkpoint'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  trainer.quiet_library_logs()
+  trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                       _PROCESS_ID.value)
+  try:
+    results = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f'eval.py: error: {e}')
+  print(f'{results["split"]} ({results["num_images"]} images): {evaluate.format_summary(results)}')
+
+
+if __name__ == '__main__':
+  app.run(main)

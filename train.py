@@ -1,0 +1,53 @@
+r"""Trains OTSeg: `python train.py --config CONFIG[:ARG] --workdir DIR [--config.FIELD=VALUE ...]`.
+
+  python train.py --config configs/synthetic.py --workdir demo_output
+  python train.py --config configs/voc12.py:inductive --workdir runs/voc12 \
+      --config.data.data_dir=~/tensorflow_datasets --config.clip=openai/clip-vit-base-patch16
+  python train.py --config configs/voc12.py:transductive --workdir runs/voc12_st \
+      --config.init_from=runs/voc12
+
+A run resumes from the latest checkpoint in --workdir. Several processes (one per host):
+  --num_processes=2 --process_id=0 --coordinator_address=HOST:PORT  (or --multihost on SLURM/TPU).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from otseg_jax import evaluate
+from otseg_jax import trainer
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file and argument, e.g. configs/voc12.py:transductive.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and reports; resumed from.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0, for multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False,
+                               'jax.distributed.initialize() with auto-detection (SLURM, TPU).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  trainer.quiet_library_logs()
+  trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                       _PROCESS_ID.value, auto=_MULTIHOST.value)
+  try:
+    results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    sys.exit(f'train.py: error: {e}')
+  if results.get('preempted'):
+    print(f'Stopped at step {results["step"]}; rerun the same command to resume.')
+  elif results:
+    print(f'{results["split"]}: {evaluate.format_summary(results)}')
+    print(f'Reports and pictures: {_WORKDIR.value}/eval (overlays/, per_class_iou.png)')
+
+
+if __name__ == '__main__':
+  app.run(main)
