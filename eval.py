@@ -22,10 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                   'Training workdir or parameter checkpoint directory.')
 _OUTDIR = flags.DEFINE_string('outdir', None, 'Reports; default CHECKPOINT/eval_<data>_<split>.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'HOST:PORT of process 0, for multi-process runs.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+_INIT_DISTRIBUTED = trainer.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'checkpoint'])
 
 
@@ -33,8 +30,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   trainer.quiet_library_logs()
-  trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value)
+  _INIT_DISTRIBUTED()
   try:
     results = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTDIR.value)
   except (ValueError, FileNotFoundError) as e:

@@ -23,12 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and argument, e.g. configs/voc12.py:transductive.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and reports; resumed from.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'HOST:PORT of process 0, for multi-process runs.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
-_MULTIHOST = flags.DEFINE_bool('multihost', False,
-                               'jax.distributed.initialize() with auto-detection (SLURM, TPU).')
+_INIT_DISTRIBUTED = trainer.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -36,8 +31,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   trainer.quiet_library_logs()
-  trainer.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value, auto=_MULTIHOST.value)
+  _INIT_DISTRIBUTED()
   try:
     results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:

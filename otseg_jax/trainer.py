@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from absl import flags
 from absl import logging
 import flax
 from flax import traverse_util
@@ -552,6 +553,25 @@ def maybe_initialize_distributed(coordinator_address: str | None = None,
                                num_processes=num_processes, process_id=process_id)
   elif auto:
     jax.distributed.initialize()
+
+
+def define_distributed_flags():
+  """Defines the multi-process flags of train.py and eval.py; returns `init()` that applies them.
+
+  `--coordinator_address=HOST:PORT --num_processes=P --process_id=I` on every host, or
+  `--multihost` for `jax.distributed.initialize()`'s auto-detection (SLURM, TPU pods).
+  """
+  coordinator = flags.DEFINE_string('coordinator_address', None,
+                                    'HOST:PORT of process 0, for multi-process runs.')
+  num_processes = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+  process_id = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+  multihost = flags.DEFINE_bool('multihost', False,
+                                'jax.distributed.initialize() with auto-detection (SLURM, TPU).')
+
+  def init() -> None:
+    maybe_initialize_distributed(coordinator.value, num_processes.value, process_id.value,
+                                 auto=multihost.value)
+  return init
 
 
 def make_mesh() -> jax.sharding.Mesh:
