@@ -96,6 +96,7 @@ def test_train_then_eval_end_to_end(tmp_path, jax_cache):
   workdir = tmp_path / 'run'
   proc = _check(_run(_train_cmd(workdir, f'--config.num_train_steps={E2E_STEPS}',
                                 '--config.log_every_steps=100', '--config.checkpoint_every_steps=300',
+                                '--config.eval_every_steps=300', '--config.eval.max_images=4',
                                 '--config.tensorboard=True'), jax_cache))
   assert 'seen mIoU' in proc.stdout and 'hIoU' in proc.stdout
   results = json.loads((workdir / 'eval' / 'results.json').read_text())
@@ -108,8 +109,9 @@ def test_train_then_eval_end_to_end(tmp_path, jax_cache):
     assert (workdir / 'eval' / name).is_file(), name
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert (workdir / 'params' / 'metadata.json').is_file() and _steps(workdir)[-1] == E2E_STEPS
-  record = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
-  assert record['step'] == E2E_STEPS and record['eval/hIoU'] == pytest.approx(results['hIoU'])
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'eval/hIoU' in r] == [300, E2E_STEPS]  # periodic, final
+  assert records[-1]['eval/hIoU'] == pytest.approx(results['hIoU'])
 
   # eval.py on the workdir reproduces the training run's final evaluation.
   proc = _check(_run([sys.executable, str(REPO / 'eval.py'), f'--config={REPO}/configs/tiny.py',
