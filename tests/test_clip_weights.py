@@ -131,6 +131,22 @@ def test_vpt_prompt_tensors_are_checked():
   assert 'deep_prompt_embeddings has shape (2, 4, 8), expected (2, 3, 8)' in msg
 
 
+@pytest.mark.parametrize('convert,sd,named', [
+    (clip_weights.visual_params_from_state_dict,
+     {'conv1.weight': np.zeros((8, 3, 4)), 'positional_embedding': np.zeros((5, 8))},
+     ('visual weights', 'conv1.weight, proj missing or not of rank 4, 2', 'conv1.weight, ')),
+    (clip_weights.text_params_from_state_dict,
+     {'visual.proj': np.zeros((8, 4)), 'text_projection': np.zeros(8)},
+     ('text weights', 'token_embedding.weight, positional_embedding, text_projection missing',
+      'visual.proj')),
+])
+def test_unrecognisable_state_dict_names_what_is_missing(convert, sd, named):
+  with pytest.raises(clip_weights.CheckpointError, match='cannot infer the architecture') as e:
+    convert(sd)
+  for text in (*named, 'Fix:'):
+    assert text in str(e.value), (text, str(e.value))
+
+
 def test_hf_checkpoint_problems_in_one_error(checkpoints, tmp_path):
   _, _, root = checkpoints
   for name in ('config.json',):

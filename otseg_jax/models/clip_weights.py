@@ -155,6 +155,17 @@ def resize_positional_embedding(pos: np.ndarray, grid: tuple[int, int]) -> np.nd
 # OpenAI-layout state dicts -> our trees.
 
 
+def _check_anchors(sd: Mapping[str, np.ndarray], ranks: Mapping[str, int], tower: str,
+                   fix: str) -> None:
+  """The tensors the architecture is read from must be there with these ranks."""
+  bad = [k for k, nd in ranks.items() if k not in sd or sd[k].ndim != nd]
+  if bad:
+    has = ', '.join(sorted(sd)[:8]) + (', ...' if len(sd) > 8 else '')
+    raise CheckpointError(
+        f'{tower} weights: cannot infer the architecture, {", ".join(bad)} missing or not of rank '
+        f'{", ".join(str(ranks[k]) for k in bad)} (the state dict has: {has}).\n  Fix: {fix}')
+
+
 def visual_params_from_state_dict(sd: Mapping[str, Any],
                                   image_size: int | Sequence[int] | None = None) -> Params:
   """OpenAI / mmseg-layout visual tensors -> the `VisionTransformer` parameter tree.
@@ -176,13 +187,7 @@ def visual_params_from_state_dict(sd: Mapping[str, Any],
   sd = {k: _as_numpy(v) for k, v in sd.items()}
   fix = ("pass an OpenAI CLIP ViT visual state dict (clip/model.py names) with the 'visual.' "
          "(OpenAI) or 'backbone.' (mmseg) prefix stripped.")
-  anchors = {'conv1.weight': 4, 'positional_embedding': 2, 'proj': 2}
-  bad = [k for k, nd in anchors.items() if k not in sd or sd[k].ndim != nd]
-  if bad:
-    has = ', '.join(sorted(sd)[:8]) + (', ...' if len(sd) > 8 else '')
-    raise CheckpointError(
-        f'visual weights: cannot infer the architecture, {", ".join(bad)} missing or not of rank '
-        f'{", ".join(str(anchors[k]) for k in bad)} (the state dict has: {has}).\n  Fix: {fix}')
+  _check_anchors(sd, {'conv1.weight': 4, 'positional_embedding': 2, 'proj': 2}, 'visual', fix)
   d, _, p, _ = sd['conv1.weight'].shape
   c = sd['proj'].shape[1]
   g = _grid_of(sd['positional_embedding'].shape[0])
@@ -249,11 +254,8 @@ def text_params_from_state_dict(sd: Mapping[str, Any]) -> Params:
   sd = {k: _as_numpy(v) for k, v in sd.items()}
   fix = ('pass the text tensors of an OpenAI CLIP state dict (token_embedding.weight, '
          'positional_embedding, transformer.resblocks.*, ln_final.*, text_projection).')
-  anchors = {'token_embedding.weight': 2, 'positional_embedding': 2, 'text_projection': 2}
-  bad = [k for k, nd in anchors.items() if k not in sd or sd[k].ndim != nd]
-  if bad:
-    raise CheckpointError(f'text weights: cannot infer the architecture, {", ".join(bad)} missing '
-                          f'or not a matrix.\n  Fix: {fix}')
+  _check_anchors(sd, {'token_embedding.weight': 2, 'positional_embedding': 2,
+                      'text_projection': 2}, 'text', fix)
   v, d = sd['token_embedding.weight'].shape
   l = sd['positional_embedding'].shape[0]
   c = sd['text_projection'].shape[1]
