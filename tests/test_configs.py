@@ -1,17 +1,14 @@
 """The paper-setting configs hold the reference's values; command-line overrides are checked."""
 
 import pathlib
-import sys
 
 from absl import flags
 from ml_collections import config_flags
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # configs/ is imported as a top-level package, as train.py does.
-  sys.path.insert(0, str(REPO))
+from configs import cocostuff171, common, context59, cross_dataset, synthetic, tiny, voc12  # pylint: disable=g-multiple-import
 
-from configs import cocostuff171, common, context59, cross_dataset, synthetic, tiny, voc12  # noqa: E402  pylint: disable=g-import-not-at-top,g-multiple-import
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SETTINGS = ('inductive', 'transductive', 'fully_supervised')
 

@@ -1,22 +1,16 @@
 """`python -m otseg_jax.predict`: any images, any class names, text embedded on the fly."""
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 from PIL import Image
 import pytest
 
 import clip_testing as ct
+from configs import tiny
 from conftest import shared_path
 from otseg_jax import checkpoint, predict, trainer
 from otseg_jax.models import otseg
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-from configs import tiny  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture(scope='module')

@@ -7,12 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from configs import tiny, voc12  # pylint: disable=g-multiple-import
 from otseg_jax import evaluate, trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-from configs import tiny, voc12  # noqa: E402  pylint: disable=g-import-not-at-top,g-multiple-import
 
 
 def test_missing_dataset(tmp_path):
