@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,8 +22,10 @@ import orbax.checkpoint as ocp
 
 
 def save_params(directory: str | os.PathLike, params: Any, metadata: dict | None = None, *,
-                overwrite: bool = False) -> pathlib.Path:
-  """Writes `params` (a pytree of arrays) and `metadata` (JSON-serialisable) to `directory`.
+                overwrite: bool = False,
+                extra_files: Sequence[str | os.PathLike] = ()) -> pathlib.Path:
+  """Writes `params` (a pytree of arrays) and `metadata` (JSON-serialisable) to `directory`,
+  with copies of `extra_files` (e.g. a tokenizer's vocab.json and merges.txt) beside them.
 
   Returns the absolute path written. Raises FileExistsError if it exists and not `overwrite`.
   """
@@ -38,6 +41,8 @@ def save_params(directory: str | os.PathLike, params: Any, metadata: dict | None
     with ocp.PyTreeCheckpointer() as ckptr:
       ckptr.save(tmp / 'params', params)
     (tmp / 'metadata.json').write_text(text)
+    for f in extra_files:
+      shutil.copyfile(f, tmp / pathlib.Path(f).name)
     if directory.exists():
       old = tmp.with_name(tmp.name + '-old')
       os.replace(directory, old)

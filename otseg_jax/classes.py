@@ -59,5 +59,5 @@ def templates(name: str) -> tuple[str, ...]:
   all8 = tuple(_raw()['templates_otseg8'])
   sizes = {'otseg6': 6, 'otseg8': 8}
   if name not in sizes:
-    raise ValueError(f'Unknown template set {name!r}; use one of {sorted(sizes)} or a file.')
+    raise ValueError(f'Unknown template set {name!r}; use one of {sorted(sizes)}.')
   return all8[:sizes[name]]

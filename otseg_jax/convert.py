@@ -15,7 +15,8 @@
   positional grid resized for the config, and the CLIP spec in the metadata. The backbone
   subtree has every non-prompt leaf of OTSeg's backbone, so a trainer initialises the image
   tower from it (prompts and head stay freshly initialised) and the text tower computes the
-  text embeddings.
+  text embeddings. An HF directory's tokenizer files are copied beside them, so the output is a
+  complete `config.clip` for train.py.
 --config: a model config name of `otseg.get_config` (voc [default], context, coco), or a .json
   file: either a model config (`ConfigDict.to_json()` of such a config) or the `config/json` of a
   reference dump (../shared/reference). It fixes the positional grid and the prompt shapes.
@@ -45,6 +46,8 @@ from otseg_jax.models import clip_weights
 from otseg_jax.models import otseg
 
 Path = tuple[str, ...]
+TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json',
+                   'special_tokens_map.json')
 _Row = tuple[str, Path, Callable[[np.ndarray], np.ndarray]]
 
 
@@ -295,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
   config = load_model_config(args.config)
   dtype = None if args.dtype == 'keep' else args.dtype
   metadata = {'source': args.source, 'input': str(args.input), 'config': config.to_dict()}
+  extra_files = []
   if args.source == 'otseg-mmseg':
     params, unused = params_from_state_dict(clip_weights.load_state_dict(args.input), config)
     metadata['unused'] = unused
@@ -311,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     spec, towers = clip_weights.load_clip(args.input, image_size=config.image_size)
     params = {'backbone': towers['visual'], 'text': towers['text']}
     metadata['clip_spec'] = dataclasses.asdict(spec)
+    # A copy of an HF directory's tokenizer makes the output a complete `config.clip`.
+    extra_files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
   params = _cast(jax.tree.map(np.asarray, params), dtype)
-  out = checkpoint.save_params(args.out, params, metadata, overwrite=args.overwrite)
+  out = checkpoint.save_params(args.out, params, metadata, overwrite=args.overwrite,
+                               extra_files=extra_files)
   n = sum(x.size for x in jax.tree.leaves(params))
   print(f'Wrote {out} ({n:,} parameters).')
   return 0

@@ -296,26 +296,21 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
                          class_names: Sequence[str]) -> np.ndarray:
   """(K, N, C) float32 text embeddings of `class_names` (every class of the dataset).
 
-  From `config.text_embeddings` (.npy), from the synthetic dataset, or computed with the CLIP text
-  tower of `config.clip` over `config.templates`. Refuses an array whose shape does not fit the
+  From `config.text_embeddings` (.npy) if set; else computed with the CLIP text tower of
+  `config.clip` over `config.templates` (a template set name or file); else, for the synthetic
+  dataset only, its own embeddings. Refuses an array whose shape does not fit the
   dataset (class count) or the model (prompt count, embedding width), naming both, before anything
   expensive runs.
   """
   source = config.text_embeddings
-  if config.data.name == 'synthetic' and not source:
-    text = synthetic.text_embeddings(synthetic_config(config)).astype(np.float32)
-    source = 'the synthetic dataset'
-  elif source:
+  if source:
     path = pathlib.Path(source).expanduser()
     if not path.is_file():
       raise FileNotFoundError(f'config.text_embeddings={source!r}: no such file. Point it at a '
                               f'(K, N, C) .npy of the {config.dataset} classes, or set it to \'\' to '
                               'compute the embeddings with the CLIP text tower (config.clip).')
     text = np.load(path).astype(np.float32)
-  else:
-    if not config.clip:
-      raise ValueError('No text embeddings: set config.text_embeddings to a (K, N, C) .npy, or '
-                       'config.clip to CLIP weights to compute them.')
+  elif config.clip:
     spec, clip_params = load_clip(config.clip)
     tokenizer_src = config.get('tokenizer') or (
         config.clip if clip_weights.has_tokenizer_files(pathlib.Path(config.clip).expanduser())
@@ -323,8 +318,15 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
     tokenizer = clip_weights.load_tokenizer(tokenizer_src)
     text = np.asarray(text_embeddings.compute_text_embeddings(
         spec, clip_params, tokenizer, list(class_names),
-        classes_lib.templates(config.templates)), np.float32)
+        text_embeddings.read_templates(config.templates)), np.float32)
     source = f'CLIP {config.clip} with templates {config.templates}'
+  elif config.data.name == 'synthetic':
+    text = synthetic.text_embeddings(synthetic_config(config)).astype(np.float32)
+    source = 'the synthetic dataset'
+  else:
+    raise ValueError('No text embeddings: set config.text_embeddings to a (K, N, C) .npy, or '
+                     'config.clip to CLIP weights to compute them.')
+  logging.info('Text embeddings %s from %s.', text.shape, source)
   num_classes = len(class_names)
   if text.ndim != 3:
     raise ValueError(f'Text embeddings from {source} have shape {text.shape}; expected (K, N, C) '

@@ -122,6 +122,57 @@ def test_train_then_eval_end_to_end(tmp_path, jax_cache):
   assert 'hIoU' in proc.stdout
 
 
+def test_training_starts_from_converted_clip_and_computes_text_embeddings(tmp_path, jax_cache):
+  """config.clip = a `convert --from hf-clip` checkpoint: the image tower starts from CLIP's weights
+  and the class text comes from CLIP's text tower over config.templates, not from the synthetic
+  dataset's own embeddings."""
+  import clip_testing as ct
+  from conftest import shared_path
+  from flax import traverse_util
+  from otseg_jax import checkpoint, text_embeddings, trainer
+  from otseg_jax.data import synthetic
+  from configs import tiny
+
+  hf_dir = tmp_path / 'hf'
+  ct.save_random_hf_clip(hf_dir, seed=5, vision_width=32, vision_layers=2, vision_heads=2,
+                         patch_size=8, image_size=32, text_width=32, text_layers=1, text_heads=2,
+                         vocab_size=49408, context_length=77, embed_dim=32)
+  ct.write_clip_tokenizer_files(hf_dir, shared_path('clip_bpe', 'bpe_simple_vocab_16e6.txt.gz'))
+  (tmp_path / 'model.json').write_text(json.dumps({'image_size': 32}))
+  converted = tmp_path / 'clip_ckpt'
+  _check(_run([sys.executable, '-m', 'otseg_jax.convert', '--from', 'hf-clip', '--in', str(hf_dir),
+               '--out', str(converted), '--config', str(tmp_path / 'model.json')], jax_cache))
+  assert (converted / 'vocab.json').is_file() and (converted / 'merges.txt').is_file()
+  templates = tmp_path / 'templates.txt'  # as many as the tiny config's prompts per class
+  templates.write_text('a photo of a {}.\na {} pattern.\n\nthe {}.\nstripes: {}.\n')
+
+  # The embeddings are those of the text tower, from the converted checkpoint or the HF directory.
+  config = tiny.get_config()
+  config.templates = str(templates)
+  names = synthetic.load_split('train', trainer.synthetic_config(config)).classes.classes
+  config.clip = str(converted)
+  text = trainer.load_text_embeddings(config, names)
+  spec, towers = trainer.load_clip(str(hf_dir))
+  expected = text_embeddings.compute_text_embeddings(
+      spec, towers, trainer.clip_weights.load_tokenizer(hf_dir), list(names),
+      text_embeddings.read_templates(str(templates)))
+  assert text.shape == (12, 4, 32)
+  np.testing.assert_allclose(text, expected, rtol=1e-5, atol=1e-6)
+  own = synthetic.text_embeddings(trainer.synthetic_config(config))
+  assert np.abs(text - own).max() > 0.1
+
+  workdir = tmp_path / 'run'
+  proc = _check(_run(_train_cmd(workdir, *PARITY, f'--config.clip={converted}',
+                                f'--config.templates={templates}'), jax_cache))
+  assert f'from CLIP {converted} with templates' in proc.stderr
+  assert np.isfinite(list(_losses(workdir).values())).all()
+  # ft_backbone=False: CLIP's image tower is frozen, so it leaves training as it came in.
+  clip_visual = traverse_util.flatten_dict(checkpoint.load_params(converted)[0]['backbone'])
+  trained = _params(workdir)
+  for path, value in clip_visual.items():
+    np.testing.assert_array_equal(trained['backbone/' + '/'.join(path)], value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Interruptions: SIGTERM, kill -9, resume; NaN.
 
