@@ -117,7 +117,8 @@ def _argmax_row(name: str, probs: np.ndarray, labels: np.ndarray, ref_labels: np
 def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = None, *,
         x64: bool = False, converged: bool = False, implementation: str = 'ott',
         tol: float | None = None, checks: tuple[str, ...] = ('train', 'eval', 'slide', 'rect'),
-        compiler_options: dict[str, Any] | None = None) -> list[Row]:
+        compiler_options: dict[str, Any] | None = None,
+        attention_query_chunk: int = 0) -> list[Row]:
   """Everything the dump holds, compared. Call inside `jax.enable_x64(x64)`.
 
   Args:
@@ -130,6 +131,7 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
     checks: which groups to run.
     compiler_options: XLA options for every jit (tests lower the optimisation level to halve
       compile times; the numbers stay within tolerance).
+    attention_query_chunk: the image tower's `clip.chunked_attention` block (0: dense).
   """
   if x64 and not jax.config.jax_enable_x64:
     raise RuntimeError('x64=True needs `with jax.enable_x64(True):` around the call.')
@@ -140,6 +142,7 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
   jit = functools.partial(jax.jit, compiler_options=compiler_options)
   ref_cfg = json.loads(str(dump['config/json']))
   config = convert.config_from_reference(ref_cfg)
+  config.backbone.attention_query_chunk = attention_query_chunk
   config.ot = solver_config(config.ot, x64=x64, converged=converged,
                             implementation=implementation)
   model = otseg.model_from_config(config, dtype=dtype)
@@ -291,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--ot-implementation', default='ott', choices=['ott', 'reference'])
   parser.add_argument('--tol', type=float, default=None, help='override the relative tolerance')
   parser.add_argument('--checks', default='train,eval,slide,rect')
+  parser.add_argument('--attention-query-chunk', type=int, default=0,
+                      help='queries per block of chunked attention in the image tower (0: dense)')
   args = parser.parse_args(argv)
 
   dump = load_npz(args.dump)
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
   with jax.enable_x64(args.x64):
     rows = run(dump, expected, x64=args.x64, converged=expected is not None,
                implementation=args.ot_implementation, tol=args.tol,
-               checks=tuple(args.checks.split(',')))
+               checks=tuple(args.checks.split(',')),
+               attention_query_chunk=args.attention_query_chunk)
   mode = (f'{"float64" if args.x64 else "float32"}, '
           f'{"converged" if expected is not None else "default"} solver ({args.ot_implementation})')
   print(f'{args.dump}: {mode}')

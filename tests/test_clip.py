@@ -251,3 +251,36 @@ def test_parameter_tree_names(otseg_small):
                            'transformer']
   assert tinit['token_embedding']['embedding'].shape == (50, 32)
   assert tinit['text_projection'].shape == (32, 16)
+
+
+@pytest.mark.parametrize('length,chunk', [(23, 5), (24, 8), (7, 16)])
+def test_chunked_attention_is_dense_attention(length, chunk):
+  """Forward and all three gradients equal the dense form in float64 (padded last block
+  included); a chunk longer than the sequence is one block."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(length)
+    q, k, v, cot = (jnp.asarray(rng.normal(size=(2, length, 3, 4))) for _ in range(4))
+
+    def dense(q, k, v):
+      weights = jax.nn.softmax(jnp.einsum('bqhc,bkhc->bhqk', q, k), axis=-1)
+      return jnp.einsum('bhqk,bkhc->bqhc', weights, v)
+
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * cot)
+    chunked = lambda q, k, v: clip.chunked_attention(q, k, v, chunk)
+    np.testing.assert_allclose(jax.jit(chunked)(q, k, v), dense(q, k, v), rtol=1e-12, atol=1e-13)
+    got = jax.jit(jax.grad(loss(chunked), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
+
+
+def test_vision_tower_with_chunked_attention_is_the_same_tower():
+  kw = dict(patch_size=4, width=16, layers=2, heads=2, output_dim=8, image_size=20,
+            num_prompt_tokens=3, prompt_depth=1)
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 20, 20, 3)), jnp.float32)
+  dense = clip.VisionTransformer(**kw)
+  chunked = clip.VisionTransformer(**kw, attention_query_chunk=6)
+  params = dense.init(jax.random.key(0), images)
+  assert jax.tree.structure(params) == jax.tree.structure(chunked.init(jax.random.key(0), images))
+  for a, b in zip(dense.apply(params, images)[:2], chunked.apply(params, images)[:2]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -60,8 +60,10 @@ def test_holdout_float32_default_vs_as_is(otseg_holdout):
   _run(otseg_holdout)
 
 
-def test_holdout_float64_reference_solver(otseg_holdout):
-  rows = _run(otseg_holdout, x64=True, implementation='reference', checks=('train', 'eval'))
+def test_holdout_float64_reference_solver_chunked_attention(otseg_holdout):
+  # Also the image tower's chunked attention (blocks of 5 queries, the last one padded).
+  rows = _run(otseg_holdout, x64=True, implementation='reference', checks=('train', 'eval'),
+              attention_query_chunk=5)
   iters = [r for r in rows if r.name.startswith('sinkhorn/')]
   assert len(iters) == 2 and all(r.abs_err == 0 for r in iters)
 

@@ -51,6 +51,8 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
       num_prompt_tokens=10,
       prompt_depth=11,  # total_d_layer: blocks 1..prompt_depth get deep prompts.
       prompt_dropout=0.1,
+      # Queries per block of clip.chunked_attention; 0 = dense attention (same numbers).
+      attention_query_chunk=0,
   ))
   config.head = ml_collections.ConfigDict(dict(
       decoder_layers=3,
@@ -95,6 +97,7 @@ def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = jnp.floa
       num_prompt_tokens=b.num_prompt_tokens,
       prompt_depth=b.prompt_depth,
       prompt_dropout=b.prompt_dropout,
+      attention_query_chunk=b.attention_query_chunk,
       decoder_layers=config.head.decoder_layers,
       num_heads=config.head.num_heads,
       attention=config.head.attention,
@@ -417,6 +420,7 @@ class OTSeg(nn.Module):
   prompt_depth: int
   ot_config: Any
   prompt_dropout: float = 0.0
+  attention_query_chunk: int = 0
   decoder_layers: int = 3
   num_heads: int = 8
   attention: str = 'mpsa'
@@ -429,7 +433,8 @@ class OTSeg(nn.Module):
         patch_size=self.patch_size, width=self.width, layers=self.layers, heads=self.heads,
         output_dim=self.output_dim, image_size=self.image_size,
         num_prompt_tokens=self.num_prompt_tokens, prompt_depth=self.prompt_depth,
-        prompt_dropout=self.prompt_dropout, double_class_embedding=True, dtype=self.dtype)
+        prompt_dropout=self.prompt_dropout, double_class_embedding=True,
+        attention_query_chunk=self.attention_query_chunk, dtype=self.dtype)
     self.decode_head = OTSegHead(
         embed_dims=self.output_dim, ot_config=self.ot_config,
         decoder_layers=self.decoder_layers, num_heads=self.num_heads, attention=self.attention,
