@@ -118,7 +118,7 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
         x64: bool = False, converged: bool = False, implementation: str = 'ott',
         tol: float | None = None, checks: tuple[str, ...] = ('train', 'eval', 'slide', 'rect'),
         compiler_options: dict[str, Any] | None = None,
-        attention_query_chunk: int = 0) -> list[Row]:
+        attention_query_chunk: int | None = None) -> list[Row]:
   """Everything the dump holds, compared. Call inside `jax.enable_x64(x64)`.
 
   Args:
@@ -131,7 +131,8 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
     checks: which groups to run.
     compiler_options: XLA options for every jit (tests lower the optimisation level to halve
       compile times; the numbers stay within tolerance).
-    attention_query_chunk: the image tower's `clip.chunked_attention` block (0: dense).
+    attention_query_chunk: the image tower's `clip.chunked_attention` block (0: dense; None: the
+      model config's default).
   """
   if x64 and not jax.config.jax_enable_x64:
     raise RuntimeError('x64=True needs `with jax.enable_x64(True):` around the call.')
@@ -142,7 +143,8 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
   jit = functools.partial(jax.jit, compiler_options=compiler_options)
   ref_cfg = json.loads(str(dump['config/json']))
   config = convert.config_from_reference(ref_cfg)
-  config.backbone.attention_query_chunk = attention_query_chunk
+  if attention_query_chunk is not None:
+    config.backbone.attention_query_chunk = attention_query_chunk
   config.ot = solver_config(config.ot, x64=x64, converged=converged,
                             implementation=implementation)
   model = otseg.model_from_config(config, dtype=dtype)
@@ -294,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--ot-implementation', default='ott', choices=['ott', 'reference'])
   parser.add_argument('--tol', type=float, default=None, help='override the relative tolerance')
   parser.add_argument('--checks', default='train,eval,slide,rect')
-  parser.add_argument('--attention-query-chunk', type=int, default=0,
-                      help='queries per block of chunked attention in the image tower (0: dense)')
+  parser.add_argument('--attention-query-chunk', type=int, default=None,
+                      help='queries per block of chunked attention in the image tower (0: dense; '
+                      'default: the model config\'s)')
   args = parser.parse_args(argv)
 
   dump = load_npz(args.dump)

@@ -68,6 +68,7 @@ def test_get_config_defaults_are_the_reference_voc():
   assert (config.image_size, b.patch_size, b.width, b.layers, b.heads, b.output_dim) == (
       512, 16, 768, 12, 12, 512)
   assert (b.num_prompt_tokens, b.prompt_depth, b.prompt_dropout) == (10, 11, 0.1)
+  assert b.attention_query_chunk == 256  # same numbers as dense (test_clip), less time and memory
   assert (config.head.decoder_layers, config.head.attention, config.head.use_mps) == (
       3, 'mpsa', True)
   assert (config.num_prompts, config.ensemble_weight, config.calibration) == (6, 0.5, 0.1)
