@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     templates = text_embeddings.read_templates(args.templates)
     text_embeddings.check_prompts(names, templates)
     params = trainer.load_params_any(checkpoint)
-    spec, clip_params = trainer.load_clip(clip_src)
+    spec, clip_params = clip_weights.load_clip(clip_src)
     tokenizer_src = args.tokenizer or (
         clip_src if clip_weights.has_tokenizer_files(pathlib.Path(clip_src).expanduser())
         else DEFAULT_TOKENIZER)

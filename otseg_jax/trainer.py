@@ -45,7 +45,6 @@ from otseg_jax import text_embeddings
 from otseg_jax.data import pipeline
 from otseg_jax.data import synthetic
 from otseg_jax.data import transforms
-from otseg_jax.models import clip as clip_lib
 from otseg_jax.models import clip_weights
 from otseg_jax.models import otseg
 
@@ -272,26 +271,6 @@ def load_data_split(config: ml_collections.ConfigDict, split: str) -> Any:
                              pathlib.Path(config.data.data_dir).expanduser())
 
 
-def load_clip(source: str, image_size: int | None = None) -> tuple[Any, dict[str, Any]]:
-  """(CLIPSpec, {'visual', 'text'} params) from an HF directory / hub id / OpenAI file
-  (`clip_weights.load_clip`) or from a `convert --from openai-clip` checkpoint directory."""
-  path = pathlib.Path(source).expanduser()
-  if (path / 'params').is_dir() and (path / 'metadata.json').is_file():
-    params, metadata = checkpoint_lib.load_params(path)
-    if 'clip_spec' not in metadata or 'text' not in params:
-      raise ValueError(f'{path} is not a CLIP checkpoint (no clip_spec / text tower); write one '
-                       'with python -m otseg_jax.convert --from openai-clip (or hf-clip).')
-    spec = dict(metadata['clip_spec'])
-    spec['image_size'] = tuple(spec['image_size'])
-    visual = params['backbone']
-    if image_size is not None and metadata.get('config', {}).get('image_size') != image_size:
-      raise ValueError(f'{path} was converted for image size '
-                       f'{metadata.get("config", {}).get("image_size")}, the model uses '
-                       f'{image_size}: convert again with the matching --config.')
-    return clip_lib.CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
-  return clip_weights.load_clip(source, image_size=image_size)
-
-
 def load_text_embeddings(config: ml_collections.ConfigDict,
                          class_names: Sequence[str]) -> np.ndarray:
   """(K, N, C) float32 text embeddings of `class_names` (every class of the dataset).
@@ -311,7 +290,7 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
                               'compute the embeddings with the CLIP text tower (config.clip).')
     text = np.load(path).astype(np.float32)
   elif config.clip:
-    spec, clip_params = load_clip(config.clip)
+    spec, clip_params = clip_weights.load_clip(config.clip)
     tokenizer_src = config.get('tokenizer') or (
         config.clip if clip_weights.has_tokenizer_files(pathlib.Path(config.clip).expanduser())
         else text_embeddings.DEFAULT_TOKENIZER)
@@ -437,7 +416,7 @@ def init_params(config: ml_collections.ConfigDict, model: Any, text: np.ndarray,
     check_same_structure(loaded, params, f'init_from={config.init_from}')
     return jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), loaded, params)
   if config.clip:
-    _, clip_params = load_clip(config.clip, image_size=config.model.image_size)
+    _, clip_params = clip_weights.load_clip(config.clip, image_size=config.model.image_size)
     params = merge_clip_weights(params, clip_params['visual'], config.clip)
   return params
 

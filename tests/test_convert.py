@@ -165,6 +165,29 @@ def test_cli_converts_openai_clip(tmp_path):
                   '--out', str(tmp_path / 'x')])
 
 
+def test_converted_clip_loads_as_its_source(tmp_path):
+  """`clip_weights.load_clip` of a converted directory: the source's spec and towers, its
+  positional grid resized on request like the source's, its tokenizer copied along."""
+  model = clip_testing.tiny_openai_clip(seed=4, image_size=32, patch_size=8)
+  clip_testing.save_openai_as_hf(model, tmp_path / 'hf')
+  (tmp_path / 'hf' / 'vocab.json').write_text('{}')
+  (tmp_path / 'model.json').write_text(json.dumps({'image_size': 32}))
+  assert convert.main(['--from', 'hf-clip', '--in', str(tmp_path / 'hf'), '--out',
+                       str(tmp_path / 'clip'), '--config', str(tmp_path / 'model.json')]) == 0
+  assert (tmp_path / 'clip' / 'vocab.json').read_text() == '{}'
+  for size in (None, 48):
+    spec, towers = clip_weights.load_clip(tmp_path / 'clip', image_size=size)
+    want_spec, want = clip_weights.load_clip(tmp_path / 'hf', image_size=size)
+    assert spec == want_spec
+    got, want = traverse_util.flatten_dict(towers), traverse_util.flatten_dict(want)
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=str(k))
+  checkpoint.save_params(tmp_path / 'not_clip', {'decode_head': {'w': np.ones(2)}})
+  with pytest.raises(clip_weights.CheckpointError, match='not of CLIP'):
+    clip_weights.load_clip(tmp_path / 'not_clip')
+
+
 def test_checkpoint_round_trip_and_errors(tmp_path):
   params = {'a': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)},
             'b': np.ones(4, np.float64), 'c': np.array([1, 2], np.int32)}

@@ -152,7 +152,7 @@ def test_training_starts_from_converted_clip_and_computes_text_embeddings(tmp_pa
   names = synthetic.load_split('train', trainer.synthetic_config(config)).classes.classes
   config.clip = str(converted)
   text = trainer.load_text_embeddings(config, names)
-  spec, towers = trainer.load_clip(str(hf_dir))
+  spec, towers = trainer.clip_weights.load_clip(hf_dir)
   expected = text_embeddings.compute_text_embeddings(
       spec, towers, trainer.clip_weights.load_tokenizer(hf_dir), list(names),
       text_embeddings.read_templates(str(templates)))

@@ -448,6 +448,26 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   return out
 
 
+def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]:
+  """A `convert --from openai-clip|hf-clip` checkpoint: {'backbone', 'text'} + the CLIP spec."""
+  from otseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  params, metadata = checkpoint.load_params(directory)
+  if 'clip_spec' not in metadata or not {'backbone', 'text'} <= set(params):
+    raise CheckpointError(f'{directory} is a parameter checkpoint but not of CLIP (no clip_spec, '
+                          'image and text towers): write one with python -m otseg_jax.convert '
+                          '--from openai-clip (or hf-clip).')
+  spec = dict(metadata['clip_spec'])
+  spec['image_size'] = tuple(spec['image_size'])
+  visual = dict(params['backbone'])
+  if image_size is not None:
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    p = spec['patch_size']
+    visual['positional_embedding'] = resize_positional_embedding(
+        np.asarray(visual['positional_embedding']), (h // p, w // p))
+    spec['image_size'] = (h, w)
+  return CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
+
+
 def _load_hf_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]:
   config_path = directory / 'config.json'
   if not config_path.is_file():
@@ -636,15 +656,19 @@ def load_clip(path_or_hub_id, image_size: int | Sequence[int] | None = None
 
   Args:
     path_or_hub_id: a `CLIPModel.save_pretrained` directory, a hub id such as
-      'openai/clip-vit-base-patch16', or an OpenAI CLIP file (the published TorchScript archive,
-      a torch.save'd state dict, or a .safetensors with OpenAI names).
+      'openai/clip-vit-base-patch16', an OpenAI CLIP file (the published TorchScript archive,
+      a torch.save'd state dict, or a .safetensors with OpenAI names), or a directory written by
+      `python -m otseg_jax.convert --from openai-clip|hf-clip`.
     image_size: int or (H, W) the vision tower is configured for; the positional grid is resized
       to image_size // patch at load time. None keeps the checkpoint's.
 
   Returns:
     (spec, {'visual': VisionTransformer params, 'text': TextTransformer params}), numpy arrays.
   """
-  local = pathlib.Path(os.path.expanduser(str(path_or_hub_id))).exists()
+  local_path = pathlib.Path(os.path.expanduser(str(path_or_hub_id)))
+  if (local_path / 'params').is_dir() and (local_path / 'metadata.json').is_file():
+    return _load_converted_dir(local_path, image_size)
+  local = local_path.exists()
   path = _resolve(path_or_hub_id, ['*.json', '*.safetensors', '*.txt'])
   if not local and not any((path / n).is_file()
                            for n in ('model.safetensors', 'model.safetensors.index.json')):
