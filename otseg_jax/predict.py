@@ -21,8 +21,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_TOKENIZER = 'openai/clip-vit-base-patch16'
-
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m otseg_jax.predict',
@@ -35,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--clip', default=None,
                  help="CLIP weights for the text tower (default: the checkpoint's config.clip).")
   p.add_argument('--tokenizer', default=None,
-                 help=f'tokenizer directory or hub id (default: --clip if it has one, else '
-                 f'{DEFAULT_TOKENIZER}).')
+                 help='tokenizer directory or hub id (default: --clip if it has one, else '
+                 'openai/clip-vit-base-patch16).')
   p.add_argument('--templates', default='otseg8',
                  help='otseg6 | otseg8 | a file with one template per line. Use as many '
                  'templates as the model was trained with prompts for the reference behaviour.')
@@ -105,9 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_embeddings.check_prompts(names, templates)
     params = trainer.load_params_any(checkpoint)
     spec, clip_params = clip_weights.load_clip(clip_src)
-    tokenizer_src = args.tokenizer or (
-        clip_src if clip_weights.has_tokenizer_files(pathlib.Path(clip_src).expanduser())
-        else DEFAULT_TOKENIZER)
+    tokenizer_src = clip_weights.tokenizer_source(clip_src, args.tokenizer)
     tokenizer = clip_weights.load_tokenizer(tokenizer_src)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))

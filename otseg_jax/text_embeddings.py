@@ -20,8 +20,6 @@ import numpy as np
 from otseg_jax import classes as classes_lib
 from otseg_jax.models import clip_weights
 
-DEFAULT_TOKENIZER = 'openai/clip-vit-base-patch16'
-
 
 def check_prompts(class_names: Sequence[str], templates: Sequence[str]) -> None:
   """Raises ValueError for an empty class list, no templates, or a template without '{}'."""
@@ -115,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                  'file.')
   p.add_argument('--tokenizer', default=None,
                  help='tokenizer directory or hub id (default: the --clip directory if it has '
-                 f'tokenizer files, else {DEFAULT_TOKENIZER}).')
+                 f'tokenizer files, else {clip_weights.DEFAULT_TOKENIZER}).')
   which = p.add_mutually_exclusive_group(required=True)
   which.add_argument('--dataset', choices=classes_lib.dataset_names())
   which.add_argument('--classes', help='comma-separated class names, e.g. "cat,dog,tree".')
@@ -149,15 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not args.out.endswith('.npy'):
     parser.error(f'--out {args.out!r} must end in .npy.')
 
-  tokenizer_src = args.tokenizer
-  if tokenizer_src is None:
-    clip_path = pathlib.Path(args.clip)
-    if clip_weights.has_tokenizer_files(clip_path):
-      tokenizer_src = args.clip
-    elif not clip_path.exists() and clip_weights.looks_like_hub_id(args.clip):
-      tokenizer_src = args.clip  # hub CLIP repos ship their tokenizer
-    else:
-      tokenizer_src = DEFAULT_TOKENIZER
+  tokenizer_src = clip_weights.tokenizer_source(args.clip, args.tokenizer)
   try:
     spec, params = clip_weights.load_clip(args.clip)
     tokenizer = clip_weights.load_tokenizer(tokenizer_src)

@@ -291,10 +291,8 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
     text = np.load(path).astype(np.float32)
   elif config.clip:
     spec, clip_params = clip_weights.load_clip(config.clip)
-    tokenizer_src = config.get('tokenizer') or (
-        config.clip if clip_weights.has_tokenizer_files(pathlib.Path(config.clip).expanduser())
-        else text_embeddings.DEFAULT_TOKENIZER)
-    tokenizer = clip_weights.load_tokenizer(tokenizer_src)
+    tokenizer = clip_weights.load_tokenizer(
+        clip_weights.tokenizer_source(config.clip, config.get('tokenizer')))
     text = np.asarray(text_embeddings.compute_text_embeddings(
         spec, clip_params, tokenizer, list(class_names),
         text_embeddings.read_templates(config.templates)), np.float32)

@@ -199,3 +199,15 @@ def test_tokenize_truncates_with_eot_last(tokenizer):
   assert ids.shape == (1, 77) and ids[0, 0] == ct.SOT and ids[0, -1] == ct.EOT
   assert ids[0].argmax() == 76
   assert clip_weights.tokenize(tokenizer, []).shape == (0, 77)
+
+
+def test_tokenizer_source(tmp_path):
+  (tmp_path / 'clip').mkdir()
+  for name in ('vocab.json', 'merges.txt'):
+    (tmp_path / 'clip' / name).write_text('')
+  (tmp_path / 'ViT-B-16.pt').write_bytes(b'')
+  source = clip_weights.tokenizer_source
+  assert source(tmp_path / 'clip') == str(tmp_path / 'clip')
+  assert source(tmp_path / 'clip', 'my/tokenizer') == 'my/tokenizer'
+  assert source('openai/clip-vit-large-patch14') == 'openai/clip-vit-large-patch14'
+  assert source(tmp_path / 'ViT-B-16.pt') == clip_weights.DEFAULT_TOKENIZER

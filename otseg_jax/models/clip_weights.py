@@ -682,6 +682,23 @@ def load_clip(path_or_hub_id, image_size: int | Sequence[int] | None = None
 # Tokenizer.
 
 
+# OpenAI's CLIP BPE, the same for every OpenAI CLIP model.
+DEFAULT_TOKENIZER = 'openai/clip-vit-base-patch16'
+
+
+def tokenizer_source(clip_source, tokenizer=None) -> str:
+  """Where the tokenizer of `clip_source` comes from: `tokenizer` if given, else the CLIP
+  directory when it holds tokenizer files, else the CLIP hub repo, else `DEFAULT_TOKENIZER`."""
+  if tokenizer:
+    return str(tokenizer)
+  path = pathlib.Path(os.path.expanduser(str(clip_source)))
+  if has_tokenizer_files(path):
+    return str(path)
+  if not path.exists() and looks_like_hub_id(str(clip_source)):
+    return str(clip_source)  # hub CLIP repos ship their tokenizer
+  return DEFAULT_TOKENIZER
+
+
 def has_tokenizer_files(directory) -> bool:
   d = pathlib.Path(directory)
   return d.is_dir() and ((d / 'vocab.json').is_file() and (d / 'merges.txt').is_file()
