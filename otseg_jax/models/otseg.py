@@ -52,7 +52,7 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
       prompt_depth=11,  # total_d_layer: blocks 1..prompt_depth get deep prompts.
       prompt_dropout=0.1,
       # Queries per block of clip.chunked_attention (0 = dense attention, the same numbers): on
-      # 2 CPU threads the train step at 512 is 1.5x faster and takes 2/3 of the memory.
+      # 2 CPU threads the train step at 512 was 1.4-1.6x faster with 2/3 of the memory (README).
       attention_query_chunk=256,
   ))
   config.head = ml_collections.ConfigDict(dict(
