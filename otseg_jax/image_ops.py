@@ -4,6 +4,12 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
+  """An (H, W) of python ints from an int (square) or a pair."""
+  return (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
 
 
 def resize_bilinear(x: jax.Array, size: Sequence[int], axes: Sequence[int] = (1, 2)) -> jax.Array:

@@ -50,7 +50,7 @@ def window_corners(size: Sequence[int], crop: Sequence[int] | int,
   is shifted back to end at the border; windows never exceed the image (an image smaller
   than the crop gives windows of the image size).
   """
-  (h, w), (ch, cw), (sh, sw) = size, _pair(crop), _pair(stride)
+  (h, w), (ch, cw), (sh, sw) = size, image_ops.as_pair(crop), image_ops.as_pair(stride)
   if min(ch, cw, sh, sw) <= 0:
     raise ValueError(f'crop {crop} and stride {stride} must be positive.')
   h_grids = max(h - ch + sh - 1, 0) // sh + 1
@@ -61,10 +61,6 @@ def window_corners(size: Sequence[int], crop: Sequence[int] | int,
       y2, x2 = min(i * sh + ch, h), min(j * sw + cw, w)
       corners.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
   return corners
-
-
-def _pair(x: Sequence[int] | int) -> tuple[int, int]:
-  return (int(x), int(x)) if np.isscalar(x) else (int(x[0]), int(x[1]))
 
 
 def slide_inference(encode_fn: EncodeFn, images: jax.Array, *, crop: Sequence[int] | int,

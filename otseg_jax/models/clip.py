@@ -28,13 +28,6 @@ from otseg_jax import image_ops
 Dtype = Any
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-  if isinstance(size, int):
-    return (size, size)
-  h, w = size
-  return (int(h), int(w))
-
-
 def _norm_dtype(dtype: Dtype) -> Dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
@@ -273,7 +266,7 @@ class VisionTransformer(nn.Module):
   @property
   def grid(self) -> tuple[int, int]:
     """The positional-embedding grid (gh, gw) of the configured image size."""
-    h, w = _pair(self.image_size)
+    h, w = image_ops.as_pair(self.image_size)
     return (h // self.patch_size, w // self.patch_size)
 
   @nn.compact

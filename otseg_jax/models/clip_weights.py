@@ -151,6 +151,14 @@ def resize_positional_embedding(pos: np.ndarray, grid: tuple[int, int]) -> np.nd
   return np.concatenate([pos[:1], resized], axis=0)
 
 
+def _positional_embedding_for(pos: np.ndarray, patch: int, image_size) -> np.ndarray:
+  """`pos` resized to the grid of `image_size` (int or (H, W)) // `patch`."""
+  h, w = image_ops.as_pair(image_size)
+  if h < patch or w < patch:
+    raise ValueError(f'image_size {image_size} is smaller than one {patch}x{patch} patch.')
+  return resize_positional_embedding(pos, (h // patch, w // patch))
+
+
 # ----------------------------------------------------------------------------------------------
 # OpenAI-layout state dicts -> our trees.
 
@@ -217,10 +225,7 @@ def visual_params_from_state_dict(sd: Mapping[str, Any],
 
   pos = sd['positional_embedding']
   if image_size is not None:
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if h < p or w < p:
-      raise ValueError(f'image_size {image_size} is smaller than one {p}x{p} patch.')
-    pos = resize_positional_embedding(pos, (h // p, w // p))
+    pos = _positional_embedding_for(pos, p, image_size)
   params = {
       'conv1': {'kernel': np.ascontiguousarray(sd['conv1.weight'].transpose(2, 3, 1, 0))},
       'class_embedding': sd['class_embedding'],
@@ -460,11 +465,9 @@ def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, 
   spec['image_size'] = tuple(spec['image_size'])
   visual = dict(params['backbone'])
   if image_size is not None:
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    p = spec['patch_size']
-    visual['positional_embedding'] = resize_positional_embedding(
-        np.asarray(visual['positional_embedding']), (h // p, w // p))
-    spec['image_size'] = (h, w)
+    visual['positional_embedding'] = _positional_embedding_for(
+        np.asarray(visual['positional_embedding']), spec['patch_size'], image_size)
+    spec['image_size'] = image_ops.as_pair(image_size)
   return CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
 
 
