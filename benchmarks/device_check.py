@@ -10,6 +10,8 @@ the rest are skipped once `--budget_s` is spent; a figure that fails is recorded
 - ceiling: an 8192^3 bf16 matmul (the device's measured matrix rate, beside the datasheet peak);
 - train: `trainer.train_step` at the VOC config (ViT-B/16 at 512, K=15, per-device batch 16) in
   float32 and bfloat16, with and without remat, and with XLA's instead of cuDNN's attention;
+Set DEVICE_CHECK_SKIP=name,name to leave figures out (e.g. those a previous call measured).
+
 - ot: the step's OT layers alone (MPS path + 3 MPSA layers = 4 Sinkhorn calls over B x K problems
   of 1024 x 6, vmapped per example as in the step), forward + backward, at the default stopping
   rule on random features and at fixed 25 / 50 / 100 iterations; their share of the step;
@@ -140,20 +142,23 @@ def main():
       ('voc_train_bf16', lambda: voc_train('bfloat16', 'none')),
       ('voc_train_f32', lambda: voc_train('float32', 'none')),
       ('ot_default', lambda: ot(None)),
-      ('voc_train_bf16_remat', lambda: voc_train('bfloat16', 'block')),
-      ('voc_train_f32_remat', lambda: voc_train('float32', 'block')),
-      ('voc_eval_bf16', lambda: evaluate(config(VOC, 'bfloat16'))),
+      ('voc_train_bf16_xla_attention', lambda: voc_train('bfloat16', 'none', 'xla')),
       ('ot_25', lambda: ot(25)),
       ('ot_100', lambda: ot(100)),
+      ('voc_train_bf16_remat', lambda: voc_train('bfloat16', 'block')),
+      ('voc_eval_bf16', lambda: evaluate(config(VOC, 'bfloat16'))),
       ('coco_train_bf16', lambda: train(config(COCO, 'bfloat16'))),
-      ('voc_train_bf16_xla_attention', lambda: voc_train('bfloat16', 'none', 'xla')),
+      ('voc_train_f32_remat', lambda: voc_train('float32', 'block')),
       ('voc_eval_f32', lambda: evaluate(config(VOC, 'float32'))),
       ('ot_50', lambda: ot(50)),
       ('coco_train_f32', lambda: train(config(COCO, 'float32'))),
       ('voc_train_bf16_remat_dots', lambda: voc_train(
           'bfloat16', 'dots_with_no_batch_dims_saveable')),
   ]
+  skip = set(filter(None, os.environ.get('DEVICE_CHECK_SKIP', '').split(',')))
   for name, fn in figures:
+    if name in skip:
+      continue
     if time.time() - start > args.budget_s:
       results['figures'][name] = dict(skipped='time budget spent')
       continue
