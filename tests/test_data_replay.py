@@ -139,6 +139,9 @@ def test_foreign_settings_and_files_are_refused(tmp_path):
   np.savez(tmp_path / 'model.npz', x=np.zeros(3))
   with pytest.raises(ValueError, match='not a transforms case file'):
     replay.load_cases(tmp_path / 'model.npz')
+  with pytest.raises(SystemExit) as exit_info:  # the CLI: a usage error, no traceback
+    parity.main(['transforms', str(tmp_path / 'model.npz')])
+  assert exit_info.value.code == 2
   del arrays['train/0/out_label']
   with pytest.raises(ValueError, match="'train/0' lacks the arrays train/0/out_label"):
     replay.load_cases(_write_cases(tmp_path / 'short.npz', _own_cases()[0], arrays))

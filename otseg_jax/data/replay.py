@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('cases', help='case file (../shared/reference/transforms_cases.npz)')
   args = parser.parse_args(argv)
-  cases, arrays = load_cases(args.cases)
+  try:
+    cases, arrays = load_cases(args.cases)
+  except (FileNotFoundError, ValueError) as e:
+    parser.error(str(e))  # one line and exit status 2, not a traceback
   rows = replay(cases, arrays)
   print(f'{args.cases}: {len(cases)} cases')
   for row in rows:
