@@ -44,11 +44,19 @@ AUTHORS = {
 FIGURES = ('eval_b1', 'train_b1', 'train_b2', 'head_b4', 'ot', 'tower', 'torch_tower')
 
 
-def _config(quick: bool, attention_query_chunk: int | None = None):
+def _config(quick: bool, attention_query_chunk: int | None = None, overrides=()):
+  import ast  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
   config = otseg.get_config('voc')
   if attention_query_chunk is not None:
     config.backbone.attention_query_chunk = attention_query_chunk
+  for item in overrides:  # 'backbone.remat=block', 'dtype=bfloat16'
+    key, _, value = item.partition('=')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    config.update_from_flattened_dict({key: value})
   sizes = dict(seen=15, all=20, ot_problems=60, m=1024)
   if quick:
     config.image_size = 64
@@ -139,8 +147,8 @@ def _torch_tower(config, images, runs: int) -> dict:
   return {'torch_tower_fwd': timing(fwd), 'torch_tower_fwdbwd': timing(fwd_bwd)}
 
 
-def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | None = None
-               ) -> dict:
+def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | None = None,
+               overrides=()) -> dict:
   """Runs one figure in this process; returns {key: timing dict}."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -148,7 +156,7 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
   from otseg_jax import image_ops, inference, losses, ot  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
 
-  config, sizes = _config(quick, attention_query_chunk)
+  config, sizes = _config(quick, attention_query_chunk, overrides)
   s, c, n = config.image_size, config.backbone.output_dim, config.num_prompts
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -247,7 +255,8 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
 
 def _child(args) -> None:
   import resource  # pylint: disable=g-import-not-at-top
-  results = run_figure(args.figure, args.quick, args.runs, args.attention_query_chunk)
+  results = run_figure(args.figure, args.quick, args.runs, args.attention_query_chunk,
+                       args.set)
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
   for timing in results.values():
     timing['peak_rss_gb'] = peak_gb
@@ -262,6 +271,9 @@ def main(argv=None) -> int:
   parser.add_argument('--figures', default=','.join(FIGURES))
   parser.add_argument('--attention_query_chunk', type=int, default=None,
                       help="the image tower's attention blocks (default: the config's)")
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help="a model config field, e.g. --set backbone.remat=block --set "
+                      "dtype=bfloat16 (repeatable)")
   parser.add_argument('--figure', help=argparse.SUPPRESS)  # internal: run one figure here
   args = parser.parse_args(argv)
   args.runs = args.runs or (3 if args.quick else 5)
@@ -279,6 +291,7 @@ def main(argv=None) -> int:
            str(args.runs)] + (['--quick'] if args.quick else [])
     if args.attention_query_chunk is not None:
       cmd += ['--attention_query_chunk', str(args.attention_query_chunk)]
+    cmd += [f'--set={item}' for item in args.set]
     # Pinning the child to `threads` CPUs bounds XLA's thread pool as torch.set_num_threads does.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
@@ -292,7 +305,7 @@ def main(argv=None) -> int:
   title = 'tiny --quick config (authors\' numbers are for the real one)' if args.quick else \
       'real VOC config'
   chunk = _config(args.quick, args.attention_query_chunk)[0].backbone.attention_query_chunk
-  title += f', attention_query_chunk={chunk}'
+  title += f', attention_query_chunk={chunk}' + ''.join(f', {item}' for item in args.set)
   print(f'\nOTSeg JAX on CPU, {len(cpus)} thread(s), {title}; median of {args.runs} runs')
   print('| figure | median (s) | min (s) | compile or first call (s) | peak RSS (GB) | '
         'authors\' PyTorch (s) | authors\' peak RSS (GB) |')
