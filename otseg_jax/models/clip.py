@@ -81,6 +81,24 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+# The MLP activations of CLIP checkpoints, by their Hugging Face `hidden_act` names: OpenAI's
+# quick_gelu; exact (erf) gelu in LAION / DFN / MetaCLIP / OpenCLIP towers; the tanh forms.
+ACTIVATIONS = {
+    'quick_gelu': quick_gelu,
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),
+    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
+    'gelu_fast': functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def activation_fn(name: str):
+  """The function of an `ACTIVATIONS` name; ValueError naming the choices otherwise."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'Unknown MLP activation {name!r}: use one of {", ".join(ACTIVATIONS)}.')
+  return ACTIVATIONS[name]
+
+
 def _query_chunks(x: jax.Array, chunk: int) -> jax.Array:
   """(B, L, H, C) -> (n, B, H, chunk, C), L zero-padded to n * chunk."""
   b, l, h, c = x.shape
@@ -222,15 +240,22 @@ class MultiheadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """D -> 4D -> D with QuickGELU (OpenAI's `mlp` Sequential: c_fc, gelu, c_proj)."""
+  """D -> mlp_dim -> D (OpenAI's `mlp` Sequential: c_fc, activation, c_proj).
+
+  mlp_dim 0 means 4 D, OpenAI's ratio; `activation` is an `ACTIVATIONS` name.
+  """
+  mlp_dim: int = 0
+  activation: str = 'quick_gelu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = nn.Dense(4 * d, dtype=self.dtype, param_dtype=self.param_dtype, name='c_fc')(x)
-    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name='c_proj')(quick_gelu(x))
+    x = nn.Dense(self.mlp_dim or 4 * d, dtype=self.dtype, param_dtype=self.param_dtype,
+                 name='c_fc')(x)
+    x = activation_fn(self.activation)(x)
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name='c_proj')(x)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -241,6 +266,8 @@ class ResidualAttentionBlock(nn.Module):
   heads: int
   query_chunk: int = 0
   attention: str = 'chunked'
+  mlp_dim: int = 0
+  activation: str = 'quick_gelu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -250,7 +277,7 @@ class ResidualAttentionBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = MultiheadAttention(self.heads, self.query_chunk, self.attention, name='attn', **kw)
     x = x + attn(layer_norm(x, 'ln_1', **kw), mask)
-    return x + Mlp(name='mlp', **kw)(layer_norm(x, 'ln_2', **kw))
+    return x + Mlp(self.mlp_dim, self.activation, name='mlp', **kw)(layer_norm(x, 'ln_2', **kw))
 
 
 class Transformer(nn.Module):
@@ -263,6 +290,8 @@ class Transformer(nn.Module):
   query_chunk: int = 0
   attention: str = 'chunked'
   remat: str = 'none'
+  mlp_dim: int = 0
+  activation: str = 'quick_gelu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -294,8 +323,8 @@ class Transformer(nn.Module):
           x = jnp.concatenate([x[:, :1], deep_prompts[i - 1].astype(x.dtype), x[:, 1 + t:]], axis=1)
         elif i == depth + 1:
           x = jnp.concatenate([x[:, :1], x[:, 1 + t:]], axis=1)
-      x = block(self.heads, self.query_chunk, self.attention, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f'resblocks_{i}')(x, mask)
+      x = block(self.heads, self.query_chunk, self.attention, self.mlp_dim, self.activation,
+                dtype=self.dtype, param_dtype=self.param_dtype, name=f'resblocks_{i}')(x, mask)
       if i in hidden_layers:
         hidden[i] = x
     return x, hidden
@@ -320,6 +349,7 @@ class VisionTransformer(nn.Module):
     attention_query_chunk: queries per block of `chunked_attention` (0: dense attention).
     attention: the implementation of attention (module docstring).
     remat: rematerialisation of the blocks in the backward pass (module docstring).
+    mlp_dim: the blocks' MLP width (0: 4 * width). activation: its `ACTIVATIONS` name.
     dtype: computation dtype. param_dtype: parameter dtype at init.
   """
   patch_size: int
@@ -336,6 +366,8 @@ class VisionTransformer(nn.Module):
   attention_query_chunk: int = 0
   attention: str = 'chunked'
   remat: str = 'none'
+  mlp_dim: int = 0
+  activation: str = 'quick_gelu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -407,7 +439,7 @@ class VisionTransformer(nn.Module):
         deep = drop(jnp.broadcast_to(deep[:, None], (self.prompt_depth, b, t, d)))
 
     x, hidden = Transformer(self.layers, self.heads, self.attention_query_chunk, self.attention,
-                            self.remat, name='transformer', **kw)(
+                            self.remat, self.mlp_dim, self.activation, name='transformer', **kw)(
         x, deep_prompts=deep, hidden_layers=self.hidden_layers)
 
     if t > 0:
@@ -427,6 +459,8 @@ class TextTransformer(nn.Module):
   layers: int
   heads: int
   output_dim: int
+  mlp_dim: int = 0  # 0: 4 * width
+  activation: str = 'quick_gelu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -445,7 +479,8 @@ class TextTransformer(nn.Module):
                      (self.context_length, self.width), self.param_dtype)
     x = x + pos[:l].astype(self.dtype)
     causal = jnp.tril(jnp.ones((l, l), bool))
-    x, _ = Transformer(self.layers, self.heads, name='transformer', **kw)(x, mask=causal)
+    x, _ = Transformer(self.layers, self.heads, mlp_dim=self.mlp_dim, activation=self.activation,
+                       name='transformer', **kw)(x, mask=causal)
     x = layer_norm(x, 'ln_final', **kw)
     x = x[jnp.arange(b), jnp.argmax(token_ids, axis=-1)]
     proj = self.param('text_projection', nn.initializers.normal(self.width**-0.5),
@@ -467,16 +502,22 @@ class CLIPSpec:
   text_width: int
   text_layers: int
   text_heads: int
+  # Defaults: OpenAI's CLIPs (specs written before these fields existed read as such).
+  vision_mlp_dim: int = 0  # 0: 4 * vision_width
+  text_mlp_dim: int = 0  # 0: 4 * text_width
+  activation: str = 'quick_gelu'  # both towers'; a `ACTIVATIONS` name
 
   def vision_tower(self, dtype: Dtype = jnp.float32, **kwargs) -> VisionTransformer:
     """The image encoder; `kwargs` set the other fields (prompts, hidden_layers, param_dtype)."""
     return VisionTransformer(patch_size=self.patch_size, width=self.vision_width,
                              layers=self.vision_layers, heads=self.vision_heads,
-                             output_dim=self.embed_dim, image_size=self.image_size, dtype=dtype,
+                             output_dim=self.embed_dim, image_size=self.image_size,
+                             mlp_dim=self.vision_mlp_dim, activation=self.activation, dtype=dtype,
                              **kwargs)
 
   def text_tower(self, dtype: Dtype = jnp.float32, **kwargs) -> TextTransformer:
     """The text encoder; `kwargs` may set param_dtype."""
     return TextTransformer(vocab_size=self.vocab_size, context_length=self.context_length,
                            width=self.text_width, layers=self.text_layers, heads=self.text_heads,
-                           output_dim=self.embed_dim, dtype=dtype, **kwargs)
+                           output_dim=self.embed_dim, mlp_dim=self.text_mlp_dim,
+                           activation=self.activation, dtype=dtype, **kwargs)
