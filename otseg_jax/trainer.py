@@ -414,7 +414,8 @@ def init_params(config: ml_collections.ConfigDict, model: Any, text: np.ndarray,
     check_same_structure(loaded, params, f'init_from={config.init_from}')
     return jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), loaded, params)
   if config.clip:
-    _, clip_params = clip_weights.load_clip(config.clip, image_size=config.model.image_size)
+    spec, clip_params = clip_weights.load_clip(config.clip, image_size=config.model.image_size)
+    clip_weights.check_backbone_config(spec, config.model.backbone, config.clip)
     params = merge_clip_weights(params, clip_params['visual'], config.clip)
   return params
 

@@ -211,3 +211,40 @@ def test_tokenizer_source(tmp_path):
   assert source(tmp_path / 'clip', 'my/tokenizer') == 'my/tokenizer'
   assert source('openai/clip-vit-large-patch14') == 'openai/clip-vit-large-patch14'
   assert source(tmp_path / 'ViT-B-16.pt') == clip_weights.DEFAULT_TOKENIZER
+
+
+def test_clip_heads_disagreeing_with_the_config_stop_training(tmp_path):
+  """4 heads and 2 heads of one width have the same tensors: only the spec tells them apart."""
+  from configs import tiny
+  from otseg_jax import trainer
+  from otseg_jax.models import otseg
+  config = tiny.get_config()  # backbone: patch 8, width 32, 2 layers, 2 heads, output 32
+  ct.save_random_hf_clip(tmp_path / 'hf', vision_width=32, vision_layers=2, vision_heads=4,
+                         patch_size=8, image_size=32, text_width=32, text_layers=1,
+                         text_heads=2, embed_dim=32)
+  config.clip = str(tmp_path / 'hf')
+  model = otseg.model_from_config(config.model)
+  text = np.ones((12, 4, 32), np.float32)
+  with pytest.raises(clip_weights.CheckpointError,
+                     match=r'heads=2 but the checkpoint has 4\. Set --config\.model\.backbone'):
+    trainer.init_params(config, model, text, seed=0)
+  config.model.backbone.heads = 4
+  trainer.init_params(config, otseg.model_from_config(config.model), text, seed=0)
+
+
+def test_converted_clip_spec_is_checked_against_its_tensors(tmp_path):
+  model = ct.tiny_openai_clip(seed=1)
+  torch.save(model.state_dict(), tmp_path / 'sd.pt')
+  from otseg_jax import convert
+  (tmp_path / 'model.json').write_text(json.dumps({'image_size': 32}))
+  assert convert.main(['--from', 'openai-clip', '--in', str(tmp_path / 'sd.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config', str(tmp_path / 'model.json')]) == 0
+  meta_path = tmp_path / 'clip' / 'metadata.json'
+  meta = json.loads(meta_path.read_text())
+  assert clip_weights.load_clip(tmp_path / 'clip')[0].vision_layers == 2
+  for field, value, message in (('vision_layers', 3, 'vision_layers 3 but the tensors say 2'),
+                                ('vision_heads', 3, 'vision_heads 3 does not divide the width 128'),
+                                ('context_length', 77, 'context_length 77 but the tensors say 16')):
+    meta_path.write_text(json.dumps(dict(meta, clip_spec=dict(meta['clip_spec'], **{field: value}))))
+    with pytest.raises(clip_weights.CheckpointError, match=message):
+      clip_weights.load_clip(tmp_path / 'clip')

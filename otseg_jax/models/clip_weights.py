@@ -31,8 +31,9 @@ import numpy as np
 from otseg_jax import image_ops
 from otseg_jax.models.clip import CLIPSpec
 
-__all__ = ['CLIPSpec', 'CheckpointError', 'clip_from_state_dict', 'has_tokenizer_files',
-           'load_clip', 'load_state_dict', 'load_tokenizer', 'looks_like_hub_id',
+__all__ = ['CLIPSpec', 'CheckpointError', 'check_backbone_config', 'clip_from_state_dict',
+           'has_tokenizer_files', 'load_clip', 'load_state_dict', 'load_tokenizer',
+           'looks_like_hub_id',
            'read_torchscript_archive', 'resize_positional_embedding',
            'text_params_from_state_dict', 'tokenize', 'visual_params_from_state_dict']
 
@@ -325,6 +326,55 @@ def clip_from_state_dict(sd: Mapping[str, Any], image_size: int | Sequence[int] 
   return spec or _openai_spec(sd, image_size), params
 
 
+# The architecture facts a CLIP checkpoint fixes for the image tower: config.model.backbone field
+# -> CLIPSpec field. The MLP width is 4 * width in both (checked against the tensors on load).
+_BACKBONE_FIELDS = {'patch_size': 'patch_size', 'width': 'vision_width',
+                    'layers': 'vision_layers', 'heads': 'vision_heads', 'output_dim': 'embed_dim'}
+
+
+def check_backbone_config(spec: CLIPSpec, backbone: Mapping[str, Any], source) -> None:
+  """Raises CheckpointError (one line) naming each field of `backbone` (config.model.backbone)
+  that disagrees with the CLIP checkpoint's `spec`, with both values.
+
+  Shapes alone do not catch every disagreement: 4 heads and 2 heads of the same width have the
+  same tensors, and loading one into the other silently runs a different image tower.
+  """
+  wrong = [f'{field}={backbone[field]} but the checkpoint has {getattr(spec, name)}'
+           for field, name in _BACKBONE_FIELDS.items() if backbone[field] != getattr(spec, name)]
+  if wrong:
+    raise CheckpointError(
+        f'CLIP weights {source} do not fit config.model.backbone: ' + '; '.join(wrong) +
+        '. Set --config.model.backbone.FIELD to the checkpoint\'s value, or use the CLIP the '
+        'config was made for.')
+
+
+def _check_spec(spec: CLIPSpec, towers: Mapping[str, Params], where) -> None:
+  """Raises CheckpointError if a spec (e.g. from a converted directory's metadata) disagrees with
+  the tensors it describes; heads, which no shape shows, must divide the widths."""
+  vis, txt = towers['visual'], towers['text']
+  p, _, _, vw = np.shape(vis['conv1']['kernel'])
+  tw = np.shape(txt['ln_final']['scale'])[0]
+  facts = {
+      'patch_size': p, 'vision_width': vw, 'vision_layers': len(vis['transformer']),
+      'embed_dim': np.shape(vis['proj'])[1], 'text_width': tw,
+      'text_layers': len(txt['transformer']),
+      'context_length': np.shape(txt['positional_embedding'])[0],
+      'vocab_size': np.shape(txt['token_embedding']['embedding'])[0],
+  }
+  wrong = [f'{k} {getattr(spec, k)} but the tensors say {v}' for k, v in facts.items()
+           if getattr(spec, k) != v]
+  for tower, width, heads in (('vision', vw, spec.vision_heads), ('text', tw, spec.text_heads)):
+    if heads < 1 or width % heads:
+      wrong.append(f'{tower}_heads {heads} does not divide the width {width}')
+  for tower, width in (('visual', vw), ('text', tw)):
+    mlp = {np.shape(b['mlp']['c_fc']['kernel']) for b in towers[tower]['transformer'].values()}
+    if mlp != {(width, 4 * width)}:
+      wrong.append(f'{tower} MLP kernels {sorted(mlp)}, this port runs ({width}, {4 * width})')
+  if wrong:
+    raise CheckpointError(f'{where}: the CLIP spec does not match its weights: '
+                          + '; '.join(wrong) + '. Re-create it with python -m otseg_jax.convert.')
+
+
 # ----------------------------------------------------------------------------------------------
 # HF layout.
 
@@ -468,7 +518,9 @@ def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, 
     visual['positional_embedding'] = _positional_embedding_for(
         np.asarray(visual['positional_embedding']), spec['patch_size'], image_size)
     spec['image_size'] = image_ops.as_pair(image_size)
-  return CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
+  spec, towers = CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
+  _check_spec(spec, towers, directory)
+  return spec, towers
 
 
 def _load_hf_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]:
