@@ -248,3 +248,53 @@ def test_converted_clip_spec_is_checked_against_its_tensors(tmp_path):
     meta_path.write_text(json.dumps(dict(meta, clip_spec=dict(meta['clip_spec'], **{field: value}))))
     with pytest.raises(clip_weights.CheckpointError, match=message):
       clip_weights.load_clip(tmp_path / 'clip')
+
+
+def _crafted_archive(path, size, stride, numel=4, torchscript=True, storage_key='0',
+                     storage_bytes=16):
+  """A torch zip checkpoint by hand: one float tensor of `size` / `stride` over a storage of
+  `numel` floats in data/`storage_key` holding `storage_bytes` bytes."""
+  import collections
+  import io
+  import pickle
+  import zipfile
+
+  class Storage:
+    pass
+
+  class Tensor:
+
+    def __reduce__(self):
+      return (torch._utils._rebuild_tensor_v2,
+              (Storage(), 0, size, stride, False, collections.OrderedDict()))
+
+  class Pickler(pickle.Pickler):
+
+    def persistent_id(self, obj):
+      if isinstance(obj, Storage):
+        return ('storage', torch.FloatStorage, storage_key, 'cpu', numel)
+      return None
+
+  buf = io.BytesIO()
+  Pickler(buf, protocol=2).dump(collections.OrderedDict(w=Tensor()))
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('archive/data.pkl', buf.getvalue())
+    z.writestr('archive/data/0', b'\0' * storage_bytes)
+    z.writestr('archive/version', '3\n')
+    z.writestr('archive/byteorder', 'little')
+    if torchscript:
+      z.writestr('archive/constants.pkl', pickle.dumps(()))
+  return path
+
+
+@pytest.mark.parametrize('torchscript', [True, False], ids=['torchscript', 'torch.load'])
+def test_tensor_larger_than_its_storage_is_refused_before_allocating(tmp_path, torchscript):
+  # 16 bytes of storage; the tensors claim 4 MB (zero strides repeat one element) and 149 GiB.
+  for size, stride in (((1000, 1000), (0, 0)), ((200_000, 200_000), (0, 0))):
+    path = _crafted_archive(tmp_path / 'crafted.pt', size, stride, torchscript=torchscript)
+    assert path.stat().st_size < 2000
+    with pytest.raises(clip_weights.CheckpointError, match=r'elements but its storage'):
+      clip_weights.load_state_dict(path)
+  # A tensor that fits its storage still loads.
+  path = _crafted_archive(tmp_path / 'ok.pt', (2, 2), (2, 1), torchscript=torchscript)
+  np.testing.assert_array_equal(clip_weights.load_state_dict(path)['w'], np.zeros((2, 2)))

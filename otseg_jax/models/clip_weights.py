@@ -569,7 +569,19 @@ _STORAGE_DTYPES = {
 }
 
 
+def _check_fits_storage(shape, numel: int, storage_numel: int) -> None:
+  """A tensor may view part of its storage, never more elements than it holds: zero or
+  overlapping strides would let a few bytes of a crafted file claim any size, which the first copy
+  (np.array, astype, transpose) then tries to allocate."""
+  if numel > storage_numel:
+    raise CheckpointError(f'A tensor of shape {tuple(shape)} has {numel} elements but its storage '
+                          f'holds {storage_numel}: a corrupt or crafted checkpoint, not loaded.')
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
+  if min(size, default=0) < 0 or len(stride) != len(size):
+    raise pickle.UnpicklingError(f'A tensor of shape {size}, strides {stride}: corrupt archive.')
+  _check_fits_storage(size, math.prod(size), len(storage))
   last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
   if offset < 0 or min(stride, default=0) < 0 or last >= len(storage):
     raise pickle.UnpicklingError('A tensor reaches outside its storage: corrupt archive.')
@@ -674,7 +686,11 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
     sd = sd['state_dict']
   if not isinstance(sd, Mapping):
     raise CheckpointError(f'{path}: holds a {type(sd).__name__}, expected a state dict.')
-  return {k: _as_numpy(v) for k, v in sd.items() if hasattr(v, 'shape')}
+  arrays = {k: v for k, v in sd.items() if hasattr(v, 'shape')}
+  for v in arrays.values():  # torch's set_ checks the last element only: see _check_fits_storage
+    if isinstance(v, torch.Tensor):
+      _check_fits_storage(v.shape, v.numel(), v.untyped_storage().nbytes() // v.element_size())
+  return {k: _as_numpy(v) for k, v in arrays.items()}
 
 
 # ----------------------------------------------------------------------------------------------
