@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from otseg_jax import cli
 from otseg_jax import evaluate
 from otseg_jax import trainer
 
@@ -44,4 +45,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser)

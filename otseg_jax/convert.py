@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from otseg_jax import checkpoint
+from otseg_jax import cli
 from otseg_jax.models import clip_weights
 from otseg_jax.models import otseg
 
@@ -326,4 +327,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run('python -m otseg_jax.convert', main))

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from otseg_jax import classes as classes_lib
+from otseg_jax import cli
 from otseg_jax.models import clip_weights
 
 
@@ -91,6 +92,30 @@ def read_classes_file(path: str) -> tuple[str, ...]:
   return tuple(line.strip() for line in lines if line.strip())
 
 
+def read_npy(path) -> np.ndarray:
+  """A text-embeddings array from a .npy file, as float32; every failure is one ValueError that
+  names the file. No pickle is loaded, and the size the header declares is checked against the
+  file before anything is allocated."""
+  path = pathlib.Path(path)
+  fix = 'write it with numpy.save or python -m otseg_jax.text_embeddings'
+  try:
+    with open(path, 'rb') as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+      data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+  except ValueError as e:  # numpy's wording for a bad magic string or header
+    raise ValueError(f'{path}: not a numpy .npy array ({e}); {fix}.') from e
+  if dtype.hasobject or dtype.kind not in 'fiub':
+    raise ValueError(f'{path}: holds {dtype} values, not numbers; {fix}.')
+  want = int(np.prod(shape)) * dtype.itemsize
+  if want != data_bytes:
+    raise ValueError(f'{path}: its header declares {shape} {dtype} ({want} bytes) but it holds '
+                     f'{data_bytes}: truncated or corrupt; {fix}.')
+  return np.load(path, allow_pickle=False).astype(np.float32)
+
+
 def save_npy_atomic(path, array: np.ndarray) -> None:
   """np.save to a temporary file beside `path`, then os.replace: readers never see half a file."""
   path = pathlib.Path(path)
@@ -162,4 +187,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run('python -m otseg_jax.text_embeddings', main))

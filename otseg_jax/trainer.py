@@ -288,7 +288,7 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
       raise FileNotFoundError(f'config.text_embeddings={source!r}: no such file. Point it at a '
                               f'(K, N, C) .npy of the {config.dataset} classes, or set it to \'\' to '
                               'compute the embeddings with the CLIP text tower (config.clip).')
-    text = np.load(path).astype(np.float32)
+    text = text_embeddings.read_npy(path)
   elif config.clip:
     spec, clip_params = clip_weights.load_clip(config.clip)
     tokenizer = clip_weights.load_tokenizer(

@@ -298,3 +298,62 @@ def test_tensor_larger_than_its_storage_is_refused_before_allocating(tmp_path, t
   # A tensor that fits its storage still loads.
   path = _crafted_archive(tmp_path / 'ok.pt', (2, 2), (2, 1), torchscript=torchscript)
   np.testing.assert_array_equal(clip_weights.load_state_dict(path)['w'], np.zeros((2, 2)))
+
+
+def _zip(path, files):
+  import zipfile
+  with zipfile.ZipFile(path, 'w') as z:
+    for name, data in files.items():
+      z.writestr(name, data)
+  return path
+
+
+def test_damaged_torchscript_archives_are_one_error_naming_the_file(tmp_path):
+  import pickle
+  ts = {'archive/constants.pkl': pickle.dumps(()), 'archive/version': '3\n'}
+  cases = {
+      'garbage.pt': (_zip(tmp_path / 'garbage.pt', {**ts, 'archive/data.pkl': b'\x80\x02garbage'}),
+                     'not a readable TorchScript archive'),
+      'bad_id.pt': (_crafted_archive(tmp_path / 'bad_id.pt', (2,), (1,), storage_key='7'),
+                    "Storage '7' is not in the archive"),
+      'short.pt': (_crafted_archive(tmp_path / 'short.pt', (2,), (1,), numel=100),
+                   "Storage '0' claims 100 elements of float32; the archive holds 16 bytes"),
+  }
+  for name, (path, message) in cases.items():
+    with pytest.raises(clip_weights.CheckpointError, match=message) as e:
+      clip_weights.load_clip(path)
+    assert name in str(e.value) and '\n' not in str(e.value)
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path):
+  """A data.pkl that calls os.system: refused by the restricted unpickler, nothing executed."""
+  import os
+  import pickle
+
+  class Evil:
+
+    def __reduce__(self):
+      return (os.system, (f'touch {tmp_path}/pwned',))
+
+  for torchscript in (True, False):
+    files = {'archive/data.pkl': pickle.dumps(Evil(), protocol=2), 'archive/version': '3\n'}
+    if torchscript:
+      files['archive/constants.pkl'] = pickle.dumps(())
+    path = _zip(tmp_path / f'evil{torchscript}.pt', files)
+    with pytest.raises(clip_weights.CheckpointError, match='evil'):
+      clip_weights.load_state_dict(path)
+  assert not (tmp_path / 'pwned').exists()
+
+
+def test_corrupt_hf_files_are_one_error_naming_the_file(checkpoints, tmp_path):
+  import shutil
+  _, _, root = checkpoints
+  shutil.copytree(root / 'hf', tmp_path / 'hf')
+  weights = tmp_path / 'hf' / 'model.safetensors'
+  weights.write_bytes(weights.read_bytes()[:100])  # truncated
+  with pytest.raises(clip_weights.CheckpointError,
+                     match=r'model\.safetensors: not a readable safetensors file'):
+    clip_weights.load_clip(tmp_path / 'hf')
+  (tmp_path / 'hf' / 'config.json').write_text('{"vision_config": ')
+  with pytest.raises(clip_weights.CheckpointError, match=r'config\.json: not valid JSON'):
+    clip_weights.load_clip(tmp_path / 'hf')

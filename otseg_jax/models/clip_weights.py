@@ -490,17 +490,28 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   import safetensors
   out = {}
   try:
-    with safetensors.safe_open(str(path), framework='numpy') as f:
-      for k in f.keys():
-        out[k] = _as_numpy(f.get_tensor(k))
-  except (TypeError, ValueError) as e:
-    if 'bf16' not in str(e).lower() and 'bfloat16' not in str(e).lower():
-      raise
-    # numpy has no bfloat16: read through jax's ml_dtypes-aware loader, then widen.
-    with safetensors.safe_open(str(path), framework='flax') as f:
-      for k in f.keys():
-        out[k] = np.asarray(f.get_tensor(k)).astype(np.float32)
+    try:
+      with safetensors.safe_open(str(path), framework='numpy') as f:
+        for k in f.keys():
+          out[k] = _as_numpy(f.get_tensor(k))
+    except (TypeError, ValueError) as e:
+      if 'bf16' not in str(e).lower() and 'bfloat16' not in str(e).lower():
+        raise
+      # numpy has no bfloat16: read through jax's ml_dtypes-aware loader, then widen.
+      with safetensors.safe_open(str(path), framework='flax') as f:
+        for k in f.keys():
+          out[k] = np.asarray(f.get_tensor(k)).astype(np.float32)
+  except Exception as e:  # SafetensorError is no ValueError; every failure means a bad file
+    raise CheckpointError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e}). '
+                          'It is truncated or corrupt: download or save it again.') from e
   return out
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{path}: not valid JSON ({e}): download or save it again.') from e
 
 
 def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]:
@@ -529,14 +540,14 @@ def _load_hf_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]
     raise FileNotFoundError(f'{directory} has no config.json: expected a transformers CLIPModel '
                             'directory (config.json + model.safetensors, as save_pretrained '
                             'writes).')
-  config = _hf_config(json.loads(config_path.read_text()), str(directory))
+  config = _hf_config(_read_json(config_path), str(directory))
   spec = _hf_spec(config, image_size)
   index = directory / 'model.safetensors.index.json'
   if (directory / 'model.safetensors').is_file():
     sd = _read_safetensors(directory / 'model.safetensors')
   elif index.is_file():
     sd = {}
-    for name in sorted(set(json.loads(index.read_text())['weight_map'].values())):
+    for name in sorted(set(_read_json(index)['weight_map'].values())):
       sd.update(_read_safetensors(directory / name))
   elif (directory / 'pytorch_model.bin').is_file():
     sd = load_state_dict(directory / 'pytorch_model.bin')
@@ -574,8 +585,8 @@ def _check_fits_storage(shape, numel: int, storage_numel: int) -> None:
   overlapping strides would let a few bytes of a crafted file claim any size, which the first copy
   (np.array, astype, transpose) then tries to allocate."""
   if numel > storage_numel:
-    raise CheckpointError(f'A tensor of shape {tuple(shape)} has {numel} elements but its storage '
-                          f'holds {storage_numel}: a corrupt or crafted checkpoint, not loaded.')
+    raise CheckpointError(f'a tensor of shape {tuple(shape)} has {numel} elements but its storage '
+                          f'holds {storage_numel}: corrupt or crafted, not loaded')
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
@@ -599,6 +610,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
   def __init__(self, file, archive: zipfile.ZipFile, root: str):
     super().__init__(file)
     self._archive, self._root = archive, root
+    self._names = set(archive.namelist())
 
   def find_class(self, module, name):
     if module.startswith('__torch__'):
@@ -614,15 +626,24 @@ class _TorchScriptUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f'{module}.{name} is not allowed in a weights-only read.')
 
   def persistent_load(self, pid):
-    kind, storage_type, key, _, numel = pid
-    if kind != 'storage':
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
       raise pickle.UnpicklingError(f'Unknown persistent id {pid!r}.')
+    _, storage_type, key, _, numel = pid
+    if storage_type not in _STORAGE_DTYPES:
+      raise pickle.UnpicklingError(f'Unknown storage type {storage_type!r}.')
     dtype = _STORAGE_DTYPES[storage_type]
     if dtype == 'bfloat16':
       import ml_dtypes
       dtype = ml_dtypes.bfloat16
-    raw = self._archive.read(f'{self._root}/data/{key}')
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder('<'), count=numel)
+    name = f'{self._root}/data/{key}'
+    if not isinstance(key, str) or name not in self._names:
+      raise pickle.UnpicklingError(f'Storage {key!r} is not in the archive.')
+    dtype = np.dtype(dtype).newbyteorder('<')
+    size = self._archive.getinfo(name).file_size
+    if not isinstance(numel, int) or numel < 0 or numel * dtype.itemsize > size:
+      raise pickle.UnpicklingError(f'Storage {key!r} claims {numel} elements of {dtype.name}; the '
+                                   f'archive holds {size} bytes for it.')
+    return np.frombuffer(self._archive.read(name), dtype=dtype, count=numel)
 
 
 def _is_torchscript(path: pathlib.Path) -> bool:
@@ -643,13 +664,17 @@ def read_torchscript_archive(path) -> dict[str, np.ndarray]:
   replaces `torch.jit.load(path).state_dict()`, which would compile and run the archive's code.
   """
   path = pathlib.Path(path)
-  with zipfile.ZipFile(path) as z:
-    pkls = [n for n in z.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
-    if len(pkls) != 1:
-      raise CheckpointError(f'{path}: not a TorchScript archive (no <root>/data.pkl).')
-    root = pkls[0].split('/')[0]
-    with z.open(pkls[0]) as f:
-      obj = _TorchScriptUnpickler(f, z, root).load()
+  try:
+    with zipfile.ZipFile(path) as z:
+      pkls = [n for n in z.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
+      if len(pkls) != 1:
+        raise CheckpointError('no <root>/data.pkl')
+      with z.open(pkls[0]) as f:
+        obj = _TorchScriptUnpickler(f, z, pkls[0].split('/')[0]).load()
+  except Exception as e:  # pickle, zip and decoding errors of a damaged file: all mean the same
+    detail = str(e) if isinstance(e, CheckpointError) else f'{type(e).__name__}: {e}'
+    raise CheckpointError(f'{path}: not a readable TorchScript archive ({detail}). It is '
+                          'truncated, corrupt or crafted: download it again.') from e
   out = {}
 
   def walk(node, prefix):
@@ -687,9 +712,12 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
   if not isinstance(sd, Mapping):
     raise CheckpointError(f'{path}: holds a {type(sd).__name__}, expected a state dict.')
   arrays = {k: v for k, v in sd.items() if hasattr(v, 'shape')}
-  for v in arrays.values():  # torch's set_ checks the last element only: see _check_fits_storage
-    if isinstance(v, torch.Tensor):
-      _check_fits_storage(v.shape, v.numel(), v.untyped_storage().nbytes() // v.element_size())
+  try:
+    for v in arrays.values():  # torch's set_ checks the last element only: _check_fits_storage
+      if isinstance(v, torch.Tensor):
+        _check_fits_storage(v.shape, v.numel(), v.untyped_storage().nbytes() // v.element_size())
+  except CheckpointError as e:
+    raise CheckpointError(f'{path}: {e}.') from e
   return {k: _as_numpy(v) for k, v in arrays.items()}
 
 
