@@ -212,3 +212,25 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
   (path / 'metadata.json').write_text('{broken')
   with pytest.raises(ValueError, match='corrupt'):
     checkpoint.load_params(path)
+
+
+def test_config_json_other_than_a_model_config_is_refused(tmp_path):
+  from configs import tiny
+  train_config = tmp_path / 'run_config.json'  # what a training workdir holds
+  train_config.write_text(tiny.get_config().to_json())
+  with pytest.raises(ValueError, match=r"run_config\.json: not a model config.*training run's "
+                     r"config\.json: pass --config voc\|context\|coco"):
+    convert.load_model_config(str(train_config))
+  cases = {'{"image_size": 32, "backbone": {"widht": 64}}': 'backbone.widht is no field',
+           '{"backbone": 3}': r'backbone \(a section, given a int\)',
+           '{"image_size": 32.5}': "Could not override field 'image_size'",
+           '[1, 2]': 'holds a list', '{"image_size": ': 'not valid JSON',
+           '{"dec_layers": 2}': "a reference config without the field 'layers'"}
+  for i, (text, message) in enumerate(cases.items()):
+    path = tmp_path / f'c{i}.json'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+      convert.load_model_config(str(path))
+  path.write_text('{"image_size": 32, "backbone": {"width": 64}}')  # some fields: the rest voc's
+  config = convert.load_model_config(str(path))
+  assert (config.image_size, config.backbone.width, config.backbone.layers) == (32, 64, 12)
