@@ -12,7 +12,8 @@
   error that names it. Writes a checkpoint whose params are {'backbone': ..., 'decode_head': ...}.
 --from openai-clip / hf-clip: CLIP ViT weights (an OpenAI .pt, an HF directory or hub id) read
   by `clip_weights.load_clip`; writes {'backbone': image tower, 'text': text tower} with the
-  positional grid resized for the config, and the CLIP spec in the metadata. The backbone
+  positional grid resized for the config, the source's own positional embedding beside them
+  (loading for another size resizes that, once) and the CLIP spec in the metadata. The backbone
   subtree has every non-prompt leaf of OTSeg's backbone, so a trainer initialises the image
   tower from it (prompts and head stay freshly initialised) and the text tower computes the
   text embeddings. An HF directory's tokenizer files are copied beside them, so the output is a
@@ -45,6 +46,7 @@ import numpy as np
 
 from otseg_jax import checkpoint
 from otseg_jax import cli
+from otseg_jax import image_ops
 from otseg_jax.models import clip_weights
 from otseg_jax.models import otseg
 
@@ -349,8 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == 'hf-clip' and path.is_file():
       raise ValueError(f'--from hf-clip: {path} is a file; pass an HF CLIP directory '
                        "(config.json + model.safetensors) or a hub id, or use --from openai-clip.")
-    spec, towers = clip_weights.load_clip(args.input, image_size=config.image_size)
-    params = {'backbone': towers['visual'], 'text': towers['text']}
+    spec, towers = clip_weights.load_clip(args.input)  # the source's own grid
+    source_pos = towers['visual']['positional_embedding']
+    visual = dict(towers['visual'], positional_embedding=clip_weights.positional_embedding_for(
+        source_pos, spec.patch_size, config.image_size))
+    params = {'backbone': visual, 'text': towers['text'],
+              clip_weights.SOURCE_POSITIONAL_EMBEDDING: source_pos}
+    spec = dataclasses.replace(spec, image_size=image_ops.as_pair(config.image_size))
     metadata['clip_spec'] = dataclasses.asdict(spec)
     # A copy of an HF directory's tokenizer makes the output a complete `config.clip`.
     extra_files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]

@@ -152,7 +152,7 @@ def test_cli_converts_openai_clip(tmp_path):
                        '--out', str(tmp_path / 'clip'), '--config',
                        str(tmp_path / 'config.json')]) == 0
   params, metadata = checkpoint.load_params(tmp_path / 'clip')
-  assert set(params) == {'backbone', 'text'}
+  assert set(params) == {'backbone', 'text', 'source_positional_embedding'}
   assert metadata['clip_spec']['vision_width'] == 128
   # Every non-prompt backbone leaf of the OTSeg model, with its shape: what a trainer needs.
   want = {k: v.shape for k, v in traverse_util.flatten_dict(convert.param_shapes(config)
@@ -234,3 +234,19 @@ def test_config_json_other_than_a_model_config_is_refused(tmp_path):
   path.write_text('{"image_size": 32, "backbone": {"width": 64}}')  # some fields: the rest voc's
   config = convert.load_model_config(str(path))
   assert (config.image_size, config.backbone.width, config.backbone.layers) == (32, 64, 12)
+
+
+def test_converted_clip_is_resized_once_from_the_source_grid(tmp_path):
+  """Converted for a 6x6 grid, loaded for 4x4 (the source's) and 5x5: each straight from the
+  source's 4x4, not 4 -> 6 -> 4 (which drifts)."""
+  model = clip_testing.tiny_openai_clip(seed=6, image_size=32, patch_size=8)
+  torch.save(model.state_dict(), tmp_path / 'ViT-T.pt')
+  (tmp_path / 'model.json').write_text(json.dumps({'image_size': 48}))
+  assert convert.main(['--from', 'openai-clip', '--in', str(tmp_path / 'ViT-T.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config', str(tmp_path / 'model.json')]) == 0
+  for size in (None, 32, 40, 48):
+    spec, towers = clip_weights.load_clip(tmp_path / 'clip', image_size=size)
+    want_spec, want = clip_weights.load_clip(tmp_path / 'ViT-T.pt', image_size=size or 48)
+    assert spec == want_spec
+    np.testing.assert_array_equal(towers['visual']['positional_embedding'],
+                                  want['visual']['positional_embedding'], err_msg=str(size))

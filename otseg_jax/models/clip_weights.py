@@ -33,9 +33,9 @@ from otseg_jax.models.clip import CLIPSpec
 
 __all__ = ['CLIPSpec', 'CheckpointError', 'check_backbone_config', 'clip_from_state_dict',
            'has_tokenizer_files', 'load_clip', 'load_state_dict', 'load_tokenizer',
-           'looks_like_hub_id',
-           'read_torchscript_archive', 'resize_positional_embedding',
-           'text_params_from_state_dict', 'tokenize', 'visual_params_from_state_dict']
+           'looks_like_hub_id', 'positional_embedding_for', 'read_torchscript_archive',
+           'resize_positional_embedding', 'text_params_from_state_dict', 'tokenize',
+           'visual_params_from_state_dict']
 
 Params = dict[str, Any]
 
@@ -152,7 +152,7 @@ def resize_positional_embedding(pos: np.ndarray, grid: tuple[int, int]) -> np.nd
   return np.concatenate([pos[:1], resized], axis=0)
 
 
-def _positional_embedding_for(pos: np.ndarray, patch: int, image_size) -> np.ndarray:
+def positional_embedding_for(pos: np.ndarray, patch: int, image_size) -> np.ndarray:
   """`pos` resized to the grid of `image_size` (int or (H, W)) // `patch`."""
   h, w = image_ops.as_pair(image_size)
   if h < patch or w < patch:
@@ -226,7 +226,7 @@ def visual_params_from_state_dict(sd: Mapping[str, Any],
 
   pos = sd['positional_embedding']
   if image_size is not None:
-    pos = _positional_embedding_for(pos, p, image_size)
+    pos = positional_embedding_for(pos, p, image_size)
   params = {
       'conv1': {'kernel': np.ascontiguousarray(sd['conv1.weight'].transpose(2, 3, 1, 0))},
       'class_embedding': sd['class_embedding'],
@@ -514,8 +514,14 @@ def _read_json(path: pathlib.Path) -> Any:
     raise CheckpointError(f'{path}: not valid JSON ({e}): download or save it again.') from e
 
 
+# A converted CLIP keeps its source's positional embedding beside the backbone's (resized for the
+# convert --config), so that loading it for another size resizes once, from the source's grid.
+SOURCE_POSITIONAL_EMBEDDING = 'source_positional_embedding'
+
+
 def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]:
-  """A `convert --from openai-clip|hf-clip` checkpoint: {'backbone', 'text'} + the CLIP spec."""
+  """A `convert --from openai-clip|hf-clip` checkpoint: {'backbone', 'text',
+  SOURCE_POSITIONAL_EMBEDDING (optional)} + the CLIP spec."""
   from otseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
   params, metadata = checkpoint.load_params(directory)
   if 'clip_spec' not in metadata or not {'backbone', 'text'} <= set(params):
@@ -526,8 +532,10 @@ def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, 
   spec['image_size'] = tuple(spec['image_size'])
   visual = dict(params['backbone'])
   if image_size is not None:
-    visual['positional_embedding'] = _positional_embedding_for(
-        np.asarray(visual['positional_embedding']), spec['patch_size'], image_size)
+    # From the source's own grid where the checkpoint keeps it: resized once, not away and back.
+    source = params.get(SOURCE_POSITIONAL_EMBEDDING, visual['positional_embedding'])
+    visual['positional_embedding'] = positional_embedding_for(
+        np.asarray(source), spec['patch_size'], image_size)
     spec['image_size'] = image_ops.as_pair(image_size)
   spec, towers = CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
   _check_spec(spec, towers, directory)
