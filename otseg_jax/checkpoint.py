@@ -12,13 +12,14 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from otseg_jax import files
 
 
 def save_params(directory: str | os.PathLike, params: Any, metadata: dict | None = None, *,
@@ -35,7 +36,7 @@ def save_params(directory: str | os.PathLike, params: Any, metadata: dict | None
                           'another output directory.')
   text = json.dumps(metadata or {}, indent=1, sort_keys=True)  # Fails early if not JSON.
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-', dir=directory.parent))
+  tmp = files.make_temp_dir_beside(directory)  # the umask's mode, unlike mkdtemp's 0700
   try:
     params = jax.tree.map(np.asarray, params)
     with ocp.PyTreeCheckpointer() as ckptr:

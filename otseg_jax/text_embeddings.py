@@ -8,10 +8,10 @@ feature of `template.format(name)` (EOT token after ln_final, @ text_projection)
 """
 
 import argparse
+import io
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 
 from otseg_jax import classes as classes_lib
 from otseg_jax import cli
+from otseg_jax import files
 from otseg_jax.models import clip_weights
 
 
@@ -117,17 +118,10 @@ def read_npy(path) -> np.ndarray:
 
 
 def save_npy_atomic(path, array: np.ndarray) -> None:
-  """np.save to a temporary file beside `path`, then os.replace: readers never see half a file."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  """np.save to `path` atomically (`files.write_atomic`): readers never see half a file."""
+  buf = io.BytesIO()
+  np.save(buf, array)
+  files.write_atomic(path, buf.getvalue())
 
 
 def _parser() -> argparse.ArgumentParser:
