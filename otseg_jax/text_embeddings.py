@@ -9,6 +9,7 @@ feature of `template.format(name)` (EOT token after ln_final, @ text_projection)
 
 import argparse
 import io
+import logging
 import os
 import pathlib
 import sys
@@ -33,6 +34,36 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str]) -> None:
   if bad:
     raise ValueError(f'Templates must contain "{{}}" where the class name goes; these do not: '
                      f'{bad}.')
+
+
+# How far a row's L2 norm may be from 1 before a warning: float16 storage alone is off by ~1e-3.
+UNIT_NORM_TOLERANCE = 1e-2
+
+
+def check_text_embeddings(text: np.ndarray, source, class_names: Sequence[str] = ()) -> None:
+  """The one check of class text, wherever it is loaded or computed (train, eval, predict).
+
+  Raises ValueError naming `source` and the first class (index and name) with a NaN or infinite
+  value: such text turns every score of its class into garbage, which training would only report
+  later as a diverging loss. Logs a warning, only, if rows of the (K, N, C) `text` are not unit
+  length within UNIT_NORM_TOLERANCE: the model expects L2-normalised prompts.
+  """
+  text = np.asarray(text)
+  bad = ~np.isfinite(text.reshape(len(text), -1)).all(axis=1)
+  if bad.any():
+    k = int(np.argmax(bad))
+    name = f' ({class_names[k]!r})' if k < len(class_names) else ''
+    raise ValueError(f'Text embeddings from {source}: class {k}{name} has NaN or infinite values '
+                     f'({int(bad.sum())} of {len(text)} classes do). Recompute them (python -m '
+                     'otseg_jax.text_embeddings) from CLIP weights without NaN.')
+  norms = np.linalg.norm(text.astype(np.float64), axis=-1)
+  off = int((np.abs(norms - 1) > UNIT_NORM_TOLERANCE).sum())
+  if off:
+    worst = np.unravel_index(np.argmax(np.abs(norms - 1)), norms.shape)
+    logging.getLogger(__name__).warning(
+        'Text embeddings from %s: %d of %d rows are not unit length (worst: class %d, norm %.4g); '
+        'the model expects L2-normalised embeddings.', source, off, norms.size, worst[0],
+        norms[worst])
 
 
 def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
@@ -176,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f'tokenizer {tokenizer_src}', file=sys.stderr)
   emb = compute_text_embeddings(spec, params, tokenizer, names, templates,
                                 batch_size=args.batch_size, progress=True)
+  check_text_embeddings(emb, f'CLIP {args.clip}', names)
   save_npy_atomic(args.out, emb)
   print(f'wrote {args.out}: {emb.shape} {emb.dtype}', file=sys.stderr)
 

@@ -320,6 +320,7 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
   if text.shape[1] != config.model.num_prompts:
     raise ValueError(f'Text embeddings from {source} have {text.shape[1]} prompts per class but '
                      f'config.model.num_prompts={config.model.num_prompts}; set one to the other.')
+  text_embeddings.check_text_embeddings(text, source, class_names)
   return text
 
 

@@ -148,3 +148,31 @@ def test_a_text_file_that_is_no_npy_array_is_one_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=message) as e:
       trainer.load_text_embeddings(config, names)
     assert name in str(e.value)
+
+
+def test_non_finite_text_stops_train_and_eval_naming_the_file_and_class(tmp_path):
+  from otseg_jax import evaluate, trainer
+  config, names = _tiny_config_and_names()
+  text = np.ones((12, 4, 32), np.float32) / np.sqrt(32)
+  text[5, 2, 7] = np.nan
+  text[9, 0, 0] = np.inf
+  np.save(tmp_path / 'nan.npy', text)
+  config.text_embeddings = str(tmp_path / 'nan.npy')
+  message = (rf"from {tmp_path}/nan\.npy: class 5 \({names[5]!r}\) has NaN or infinite values "
+             r"\(2 of 12 classes do\)")
+  with pytest.raises(ValueError, match=message):
+    trainer.load_text_embeddings(config, names)  # what train.py loads
+  (tmp_path / 'ckpt').mkdir()
+  with pytest.raises(ValueError, match=message):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'ckpt'))
+
+
+def test_text_that_is_not_unit_length_is_a_warning_only(caplog):
+  text = np.ones((3, 2, 4), np.float32) / 2
+  text_embeddings.check_text_embeddings(text, 'here', ['a', 'b', 'c'])
+  assert not caplog.records
+  text[1, 1] *= 1.5
+  text_embeddings.check_text_embeddings(text, 'here', ['a', 'b', 'c'])
+  assert len(caplog.records) == 1 and caplog.records[0].levelname == 'WARNING'
+  assert ('from here: 1 of 6 rows are not unit length (worst: class 1, norm 1.5)'
+          in caplog.records[0].getMessage())
