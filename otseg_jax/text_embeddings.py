@@ -137,8 +137,10 @@ def read_npy(path) -> np.ndarray:
                      else np.lib.format.read_array_header_2_0)
       shape, _, dtype = read_header(f)
       data_bytes = os.fstat(f.fileno()).st_size - f.tell()
-  except ValueError as e:  # numpy's wording for a bad magic string or header
-    raise ValueError(f'{path}: not a numpy .npy array ({e}); {fix}.') from e
+  except OSError:
+    raise
+  except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError, ...
+    raise ValueError(f'{path}: not a numpy .npy array ({type(e).__name__}: {e}); {fix}.') from e
   if dtype.hasobject or dtype.kind not in 'fiub':
     raise ValueError(f'{path}: holds {dtype} values, not numbers; {fix}.')
   want = int(np.prod(shape)) * dtype.itemsize

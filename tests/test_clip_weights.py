@@ -319,6 +319,10 @@ def test_damaged_torchscript_archives_are_one_error_naming_the_file(tmp_path):
       'short.pt': (_crafted_archive(tmp_path / 'short.pt', (2,), (1,), numel=100),
                    "Storage '0' claims 100 elements of float32; the archive holds 16 bytes"),
   }
+  # A damaged central directory: a name flagged UTF-8 that is not.
+  bad_dir = _zip(tmp_path / 'bad_dir.pt', {**ts, 'archive/d\u00e4ta.pkl': b''}).read_bytes()
+  (tmp_path / 'bad_dir.pt').write_bytes(bad_dir.replace('\u00e4'.encode(), b'\xbd\xbd'))
+  cases['bad_dir.pt'] = (tmp_path / 'bad_dir.pt', 'a damaged zip archive')
   for name, (path, message) in cases.items():
     with pytest.raises(clip_weights.CheckpointError, match=message) as e:
       clip_weights.load_clip(path)

@@ -133,6 +133,9 @@ def test_a_text_file_that_is_no_npy_array_is_one_error_naming_it(tmp_path):
       'huge.npy': (None, r'declares \(1000000, 1000000\) float32 \(4000000000000 bytes\) but it '
                    'holds 0'),
       'truncated.npy': (None, 'holds 1200: truncated or corrupt'),
+      # A header cut inside a tuple: numpy's parser raises tokenize's TokenError.
+      'header.npy': (b'\x93NUMPY\x01\x00\x76\x00' + b"{'descr': ('<f4'," + b' ' * 100 + b'\n',
+                     'header.npy: not a numpy .npy array'),
   }
   np.save(tmp_path / 'pickled.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
   with open(tmp_path / 'huge.npy', 'wb') as f:

@@ -657,8 +657,13 @@ class _TorchScriptUnpickler(pickle.Unpickler):
 def _is_torchscript(path: pathlib.Path) -> bool:
   if not zipfile.is_zipfile(path):
     return False
-  with zipfile.ZipFile(path) as z:
-    return any(n.split('/', 1)[-1].startswith(('code/', 'constants.pkl')) for n in z.namelist())
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = z.namelist()
+  except Exception as e:  # a damaged central directory: BadZipFile, UnicodeDecodeError, ...
+    raise CheckpointError(f'{path}: a damaged zip archive ({type(e).__name__}: {e}). It is '
+                          'truncated or corrupt: download it again.') from e
+  return any(n.split('/', 1)[-1].startswith(('code/', 'constants.pkl')) for n in names)
 
 
 def read_torchscript_archive(path) -> dict[str, np.ndarray]:
