@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--config', default='voc',
                       help='model config: voc | context | coco | path/to/config.json')
   parser.add_argument('--dtype', default='float32',
+                      choices=['float32', 'bfloat16', 'float16', 'float64', 'keep'],
                       help="stored float dtype ('keep' leaves the source dtype)")
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)

@@ -69,8 +69,10 @@ def test_python_m_convert_prints_one_line_and_exits_1(tmp_path):
   proc = _run(['-m', 'otseg_jax.convert', '--from', 'openai-clip', '--in', str(tmp_path / 'x.pt'),
                '--out', str(tmp_path / 'out')], OTSEG_DEBUG='1')
   assert proc.returncode == 1 and 'Traceback' in proc.stderr
-  proc = _run(['-m', 'otseg_jax.convert', '--from', 'nothing'])
-  assert proc.returncode == 2 and 'Traceback' not in proc.stderr  # argparse's usage error
+  for args in (['--from', 'nothing'], ['--from', 'openai-clip', '--in', 'x.pt', '--out', 'y',
+                                       '--dtype', 'int8']):
+    proc = _run(['-m', 'otseg_jax.convert', *args])
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr  # argparse's usage error
 
 
 @pytest.mark.parametrize('script', ['train.py', 'eval.py'])
