@@ -35,6 +35,8 @@ def main(argv):
   try:
     results = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTDIR.value)
   except (ValueError, FileNotFoundError) as e:
+    if cli.debug():
+      raise
     sys.exit(f'eval.py: error: {e}')
   print(f'{results["split"]} ({results["num_images"]} images): {evaluate.format_summary(results)}')
 

@@ -36,6 +36,8 @@ def main(argv):
   try:
     results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    if cli.debug():
+      raise
     sys.exit(f'train.py: error: {e}')
   if results.get('preempted'):
     print(f'Stopped at step {results["step"]}; rerun the same command to resume.')

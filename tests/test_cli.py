@@ -87,3 +87,13 @@ def test_an_unknown_config_field_is_one_line(script, tmp_path):
   line = _one_error_line(proc.stderr, script)
   assert ('--config.optimizer.lrr: the config has no field \'lrr\'. Did you mean "lr" instead of '
           '"lrr"?') in line, line
+
+
+def test_otseg_debug_shows_the_traceback_of_train_py(tmp_path):
+  (tmp_path / 'text.npy').write_text('not an array')
+  args = ['train.py', '--config=configs/tiny.py', f'--config.text_embeddings={tmp_path}/text.npy',
+          f'--workdir={tmp_path}/run']
+  proc = _run(args)
+  assert 'text.npy: not a numpy .npy array' in _one_error_line(proc.stderr, 'train.py')
+  proc = _run(args, OTSEG_DEBUG='1')
+  assert proc.returncode != 0 and 'Traceback' in proc.stderr
