@@ -245,7 +245,8 @@ def test_converted_clip_spec_is_checked_against_its_tensors(tmp_path):
   for field, value, message in (('vision_layers', 3, 'vision_layers 3 but the tensors say 2'),
                                 ('vision_heads', 3, 'vision_heads 3 does not divide the width 128'),
                                 ('context_length', 77, 'context_length 77 but the tensors say 16')):
-    meta_path.write_text(json.dumps(dict(meta, clip_spec=dict(meta['clip_spec'], **{field: value}))))
+    spec = dict(meta['clip_spec'], **{field: value})
+    meta_path.write_text(json.dumps(dict(meta, clip_spec=spec)))
     with pytest.raises(clip_weights.CheckpointError, match=message):
       clip_weights.load_clip(tmp_path / 'clip')
 
