@@ -362,3 +362,33 @@ def test_corrupt_hf_files_are_one_error_naming_the_file(checkpoints, tmp_path):
   (tmp_path / 'hf' / 'config.json').write_text('{"vision_config": ')
   with pytest.raises(clip_weights.CheckpointError, match=r'config\.json: not valid JSON'):
     clip_weights.load_clip(tmp_path / 'hf')
+
+
+def test_damaged_sizes_in_json_files_are_one_error(checkpoints, tmp_path):
+  """Sizes from config.json / metadata.json are checked before any arithmetic with them."""
+  import shutil
+  from otseg_jax import convert
+  _, _, root = checkpoints
+  shutil.copytree(root / 'hf', tmp_path / 'hf')
+  config_path = tmp_path / 'hf' / 'config.json'
+  config = json.loads(config_path.read_text())
+  for section, field, value in (('vision_config', 'patch_size', 0),
+                                ('text_config', 'num_hidden_layers', None),
+                                ('vision_config', 'layer_norm_eps', 'x'),
+                                (None, 'vision_config', 3)):
+    broken = json.loads(json.dumps(config))
+    (broken[section] if section else broken)[field] = value
+    config_path.write_text(json.dumps(broken))
+    with pytest.raises(clip_weights.CheckpointError, match=f'{field}'):
+      clip_weights.load_clip(tmp_path / 'hf')
+  (tmp_path / 'model.json').write_text('{"image_size": 32}')
+  assert convert.main(['--from', 'openai-clip', '--in', str(root / 'state_dict.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config', str(tmp_path / 'model.json')]) == 0
+  meta_path = tmp_path / 'clip' / 'metadata.json'
+  meta = json.loads(meta_path.read_text())
+  for spec, message in (({}, 'clip_spec is not a CLIP spec'),
+                        (dict(meta['clip_spec'], patch_size=0), r'patch_size=0, expected positive'),
+                        (dict(meta['clip_spec'], image_size=7), r'clip_spec\.image_size=7')):
+    meta_path.write_text(json.dumps(dict(meta, clip_spec=spec)))
+    with pytest.raises(clip_weights.CheckpointError, match=message):
+      clip_weights.load_clip(tmp_path / 'clip', image_size=48)

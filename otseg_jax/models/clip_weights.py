@@ -14,6 +14,7 @@ float32. Under `jax.enable_x64` a float64 checkpoint therefore gives float64 par
 """
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -410,9 +411,21 @@ def _hf_expected(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   return out
 
 
+def _require_positive_ints(values: Mapping[str, Any], names: Sequence[str], where: str) -> None:
+  """Sizes read from a JSON file are checked before any arithmetic: a damaged or hand-edited file
+  would otherwise fail deep inside with a TypeError or ZeroDivisionError."""
+  # type() rather than isinstance: True is an int, never a size.
+  # pylint: disable-next=unidiomatic-typecheck
+  bad = [f'{n}={values.get(n)!r}' for n in names if type(values.get(n)) is not int or values[n] < 1]
+  if bad:
+    raise CheckpointError(f'{where}: {", ".join(bad)}, expected positive integers: the file is '
+                          'damaged; write it again.')
+
+
 def _hf_config(config: Mapping[str, Any], where: str) -> dict[str, Any]:
   """config.json of a CLIPModel with transformers' defaults filled in; refuses what we can't run."""
-  if 'vision_config' not in config or 'text_config' not in config:
+  if not (isinstance(config, Mapping) and isinstance(config.get('vision_config'), Mapping)
+          and isinstance(config.get('text_config'), Mapping)):
     raise CheckpointError(f'{where}: config.json has no vision_config/text_config; expected the '
                           'config of a transformers CLIPModel (model_type "clip").')
   vc, tc = config['vision_config'], config['text_config']
@@ -424,14 +437,22 @@ def _hf_config(config: Mapping[str, Any], where: str) -> dict[str, Any]:
               vocab_size=49408, max_position_embeddings=77, hidden_act='quick_gelu',
               layer_norm_eps=1e-5)
   vc, tc = {**vdef, **vc}, {**tdef, **tc}
+  sizes = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+  _require_positive_ints(vc, sizes + ('image_size', 'patch_size', 'num_channels'),
+                         f'{where}/config.json vision_config')
+  _require_positive_ints(tc, sizes + ('vocab_size', 'max_position_embeddings'),
+                         f'{where}/config.json text_config')
+  _require_positive_ints({'projection_dim': config.get('projection_dim', 512)}, ['projection_dim'],
+                         f'{where}/config.json')
   problems = []
   for name, cfg in (('vision_config', vc), ('text_config', tc)):
     if cfg['hidden_act'] != 'quick_gelu':
       problems.append(f'{name}.hidden_act is {cfg["hidden_act"]!r}, this port has quick_gelu')
     if cfg['intermediate_size'] != 4 * cfg['hidden_size']:
       problems.append(f'{name}.intermediate_size {cfg["intermediate_size"]} != 4 * hidden_size')
-    if abs(cfg['layer_norm_eps'] - 1e-5) > 1e-12:
-      problems.append(f'{name}.layer_norm_eps is {cfg["layer_norm_eps"]}, this port uses 1e-5')
+    eps = cfg['layer_norm_eps']
+    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+      problems.append(f'{name}.layer_norm_eps is {eps!r}, this port uses 1e-5')
   if vc['num_channels'] != 3:
     problems.append(f'vision_config.num_channels is {vc["num_channels"]}, expected 3')
   if problems:
@@ -528,8 +549,19 @@ def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, 
     raise CheckpointError(f'{directory} is a parameter checkpoint but not of CLIP (no clip_spec, '
                           'image and text towers): write one with python -m otseg_jax.convert '
                           '--from openai-clip (or hf-clip).')
-  spec = dict(metadata['clip_spec'])
-  spec['image_size'] = tuple(spec['image_size'])
+  spec = metadata['clip_spec']
+  fields = [f.name for f in dataclasses.fields(CLIPSpec)]
+  if not isinstance(spec, dict) or sorted(spec) != sorted(fields):
+    raise CheckpointError(f'{directory}/metadata.json: clip_spec is not a CLIP spec (fields '
+                          f'{", ".join(fields)}): the file is damaged; convert the CLIP again.')
+  _require_positive_ints(spec, [f for f in fields if f != 'image_size'],
+                         f'{directory}/metadata.json clip_spec')
+  size = spec['image_size']
+  if not (isinstance(size, list) and len(size) == 2
+          and all(type(n) is int and n > 0 for n in size)):  # pylint: disable=unidiomatic-typecheck
+    raise CheckpointError(f'{directory}/metadata.json: clip_spec.image_size={size!r}, expected '
+                          '[H, W]: the file is damaged; convert the CLIP again.')
+  spec = dict(spec, image_size=tuple(size))
   visual = dict(params['backbone'])
   if image_size is not None:
     # From the source's own grid where the checkpoint keeps it: resized once, not away and back.
