@@ -61,7 +61,9 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
     field = field.strip('\'"')
     overrides = [a.split('=', 1)[0] for a in argv[1:]
                  if a.startswith('--config.') and field in a.split('=', 1)[0].split('.')]
-    flag = overrides[0] if overrides else '--config.FIELD'
-    sys.exit(f'{os.path.basename(argv[0])}: error: {flag}: the config has no field {field!r}.'
+    if not overrides:  # not an override's field: a bug, e.g. in the config file itself
+      raise
+    sys.exit(f'{os.path.basename(argv[0])}: error: {overrides[0]}: the config has no field '
+             f'{field!r}.'
              + ''.join(' ' + h for h in hints)
              + ' The config file lists every field; check the spelling.')
