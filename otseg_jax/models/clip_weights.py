@@ -737,6 +737,14 @@ def read_torchscript_archive(path) -> dict[str, np.ndarray]:
   return out
 
 
+def _torch_load_reason(e: Exception) -> str:
+  """torch.load's error in one line. Its weights-only refusals open with paragraphs advising
+  weights_only=False, i.e. running the file's code: only the lines saying what was refused stay."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation')
+  return ' '.join([line for line in lines if not line.startswith(boilerplate)] or lines)
+
+
 def load_state_dict(path) -> dict[str, np.ndarray]:
   """A flat {name: numpy array} from a .pt/.pth/.bin (TorchScript archive or torch.save'd dict)
   or a .safetensors file, without executing code from it."""
@@ -751,7 +759,9 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
   try:
     sd = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pickle errors of many kinds; say what the file should be
-    raise CheckpointError(f'{path}: not readable as a weights-only torch checkpoint ({e}).') from e
+    raise CheckpointError(f'{path}: not readable as a weights-only torch checkpoint '
+                          f'({_torch_load_reason(e)}); nothing in it was run. It is damaged, or '
+                          'holds more than tensors.') from e
   if isinstance(sd, Mapping) and isinstance(sd.get('state_dict'), Mapping):
     sd = sd['state_dict']
   if not isinstance(sd, Mapping):
