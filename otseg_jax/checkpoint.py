@@ -69,6 +69,8 @@ def load_params(directory: str | os.PathLike) -> tuple[Any, dict]:
     with ocp.PyTreeCheckpointer() as ckptr:
       params = ckptr.restore(directory / 'params')
   except Exception as e:  # orbax and json raise many types; all mean the same to the caller.
-    raise ValueError(f'{directory} is corrupt or unreadable ({type(e).__name__}: {e}). '
+    # tensorstore appends its whole JSON spec (~1 KB) to the reason: the reason is enough.
+    reason = ' '.join(str(e).split(' [tensorstore_spec=')[0].split())
+    raise ValueError(f'{directory} is corrupt or unreadable ({type(e).__name__}: {reason}). '
                      'Re-create it with `python -m otseg_jax.convert`.') from e
   return jax.tree.map(np.asarray, params), metadata

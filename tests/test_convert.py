@@ -250,3 +250,16 @@ def test_converted_clip_is_resized_once_from_the_source_grid(tmp_path):
     assert spec == want_spec
     np.testing.assert_array_equal(towers['visual']['positional_embedding'],
                                   want['visual']['positional_embedding'], err_msg=str(size))
+
+
+def test_a_truncated_array_file_is_one_short_error_naming_it(tmp_path):
+  path = checkpoint.save_params(tmp_path / 'ck', {'a': np.ones(1000, np.float32)})
+  arrays = [f for f in (path / 'params').rglob('*') if f.is_file() and f.parent.name == 'd']
+  assert arrays
+  for f in arrays:
+    f.write_bytes(f.read_bytes()[:50])
+  with pytest.raises(ValueError, match='is corrupt or unreadable') as e:
+    checkpoint.load_params(path)
+  message = str(e.value)
+  assert str(path) in message and 'is not valid for value of size 50' in message
+  assert '\n' not in message and 'tensorstore_spec' not in message and len(message) < 600, message
