@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from otseg_jax import cli
 from otseg_jax import evaluate
 from otseg_jax import trainer
 
@@ -34,9 +35,11 @@ def main(argv):
   try:
     results = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTDIR.value)
   except (ValueError, FileNotFoundError) as e:
+    if cli.debug():
+      raise
     sys.exit(f'eval.py: error: {e}')
   print(f'{results["split"]} ({results["num_images"]} images): {evaluate.format_summary(results)}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser)

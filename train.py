@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from otseg_jax import cli
 from otseg_jax import evaluate
 from otseg_jax import trainer
 
@@ -35,6 +36,8 @@ def main(argv):
   try:
     results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    if cli.debug():
+      raise
     sys.exit(f'train.py: error: {e}')
   if results.get('preempted'):
     print(f'Stopped at step {results["step"]}; rerun the same command to resume.')
@@ -44,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser)

@@ -12,13 +12,14 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from otseg_jax import files
 
 
 def save_params(directory: str | os.PathLike, params: Any, metadata: dict | None = None, *,
@@ -35,7 +36,7 @@ def save_params(directory: str | os.PathLike, params: Any, metadata: dict | None
                           'another output directory.')
   text = json.dumps(metadata or {}, indent=1, sort_keys=True)  # Fails early if not JSON.
   directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{directory.name}.tmp-', dir=directory.parent))
+  tmp = files.make_temp_dir_beside(directory)  # the umask's mode, unlike mkdtemp's 0700
   try:
     params = jax.tree.map(np.asarray, params)
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -68,6 +69,8 @@ def load_params(directory: str | os.PathLike) -> tuple[Any, dict]:
     with ocp.PyTreeCheckpointer() as ckptr:
       params = ckptr.restore(directory / 'params')
   except Exception as e:  # orbax and json raise many types; all mean the same to the caller.
-    raise ValueError(f'{directory} is corrupt or unreadable ({type(e).__name__}: {e}). '
+    # tensorstore appends its whole JSON spec (~1 KB) to the reason: the reason is enough.
+    reason = ' '.join(str(e).split(' [tensorstore_spec=')[0].split())
+    raise ValueError(f'{directory} is corrupt or unreadable ({type(e).__name__}: {reason}). '
                      'Re-create it with `python -m otseg_jax.convert`.') from e
   return jax.tree.map(np.asarray, params), metadata

@@ -12,14 +12,17 @@
   error that names it. Writes a checkpoint whose params are {'backbone': ..., 'decode_head': ...}.
 --from openai-clip / hf-clip: CLIP ViT weights (an OpenAI .pt, an HF directory or hub id) read
   by `clip_weights.load_clip`; writes {'backbone': image tower, 'text': text tower} with the
-  positional grid resized for the config, and the CLIP spec in the metadata. The backbone
+  positional grid resized for the config, the source's own positional embedding beside them
+  (loading for another size resizes that, once) and the CLIP spec in the metadata. The backbone
   subtree has every non-prompt leaf of OTSeg's backbone, so a trainer initialises the image
   tower from it (prompts and head stay freshly initialised) and the text tower computes the
   text embeddings. An HF directory's tokenizer files are copied beside them, so the output is a
   complete `config.clip` for train.py.
 --config: a model config name of `otseg.get_config` (voc [default], context, coco), or a .json
-  file: either a model config (`ConfigDict.to_json()` of such a config) or the `config/json` of a
-  reference dump (../shared/reference). It fixes the positional grid and the prompt shapes.
+  file: either a model config (`ConfigDict.to_json()` of such a config, or some of its fields,
+  e.g. {"image_size": 224}, the rest from voc) or the `config/json` of a reference dump
+  (../shared/reference). Any other JSON (e.g. a training run's config.json) is refused. It fixes
+  the positional grid and the prompt shapes.
 
 Files are read by `clip_weights.load_state_dict`: torch only inside it, with `weights_only=True`
 (TorchScript archives and .safetensors without torch).
@@ -42,6 +45,8 @@ import ml_collections
 import numpy as np
 
 from otseg_jax import checkpoint
+from otseg_jax import cli
+from otseg_jax import image_ops
 from otseg_jax.models import clip_weights
 from otseg_jax.models import otseg
 
@@ -253,18 +258,52 @@ def config_from_reference(ref: Mapping[str, Any]) -> ml_collections.ConfigDict:
   return config
 
 
+def _unknown_fields(data: Mapping[str, Any], known: Mapping[str, Any], prefix: str = '') -> list:
+  out = []
+  for k, v in data.items():
+    if k not in known:
+      out.append(prefix + k)
+    elif isinstance(known[k], Mapping):
+      if not isinstance(v, Mapping):
+        out.append(f'{prefix}{k} (a section, given a {type(v).__name__})')
+      else:
+        out += _unknown_fields(v, known[k], f'{prefix}{k}.')
+  return out
+
+
 def load_model_config(name_or_path: str) -> ml_collections.ConfigDict:
-  """`otseg.get_config(NAME)`, or a .json file (model config or reference `config/json`)."""
+  """`otseg.get_config(NAME)`, or a .json file: a model config (all or some of its fields, the
+  rest from voc) or a reference dump's `config/json`. Anything else is refused: a training run's
+  config.json, say, would otherwise be merged field by field over voc and silently ignored."""
   path = pathlib.Path(name_or_path)
   if path.suffix != '.json':
     return otseg.get_config(name_or_path)
   if not path.is_file():
     raise FileNotFoundError(f'--config {name_or_path}: no such file.')
-  data = json.loads(path.read_text())
+  try:
+    data = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'--config {name_or_path}: not valid JSON ({e}).') from e
+  if not isinstance(data, dict):
+    raise ValueError(f'--config {name_or_path}: holds a {type(data).__name__}, expected a model '
+                     'config (a JSON object).')
   if 'dec_layers' in data:  # A reference dump's config.
-    return config_from_reference(data)
+    try:
+      return config_from_reference(data)
+    except KeyError as e:
+      raise ValueError(f'--config {name_or_path}: a reference config without the field {e}.') from e
   config = otseg.get_config()
-  config.update(data)
+  unknown = _unknown_fields(data, config.to_dict())
+  if unknown:
+    hint = (" It looks like a training run's config.json: pass --config voc|context|coco, or a "
+            "file with its 'model' section alone." if 'model' in data else '')
+    raise ValueError(f'--config {name_or_path}: not a model config, {", ".join(unknown)} '
+                     f'{"is" if len(unknown) == 1 else "are"} no field of otseg.get_config() '
+                     f'(fields: {", ".join(config)}).{hint}')
+  try:
+    config.update(data)
+  except TypeError as e:  # ConfigDict's typed fields: e.g. a float for image_size
+    raise ValueError(f'--config {name_or_path}: {e}.') from e
   return config
 
 
@@ -291,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--config', default='voc',
                       help='model config: voc | context | coco | path/to/config.json')
   parser.add_argument('--dtype', default='float32',
+                      choices=['float32', 'bfloat16', 'float16', 'float64', 'keep'],
                       help="stored float dtype ('keep' leaves the source dtype)")
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
@@ -312,8 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == 'hf-clip' and path.is_file():
       raise ValueError(f'--from hf-clip: {path} is a file; pass an HF CLIP directory '
                        "(config.json + model.safetensors) or a hub id, or use --from openai-clip.")
-    spec, towers = clip_weights.load_clip(args.input, image_size=config.image_size)
-    params = {'backbone': towers['visual'], 'text': towers['text']}
+    spec, towers = clip_weights.load_clip(args.input)  # the source's own grid
+    source_pos = towers['visual']['positional_embedding']
+    visual = dict(towers['visual'], positional_embedding=clip_weights.positional_embedding_for(
+        source_pos, spec.patch_size, config.image_size))
+    params = {'backbone': visual, 'text': towers['text'],
+              clip_weights.SOURCE_POSITIONAL_EMBEDDING: source_pos}
+    spec = dataclasses.replace(spec, image_size=image_ops.as_pair(config.image_size))
     metadata['clip_spec'] = dataclasses.asdict(spec)
     # A copy of an HF directory's tokenizer makes the output a complete `config.clip`.
     extra_files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
@@ -326,4 +371,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run('python -m otseg_jax.convert', main))

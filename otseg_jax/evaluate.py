@@ -10,10 +10,8 @@ The metrics are host numpy, so they can be checked by hand; only the model runs 
 
 import io
 import json
-import os
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from otseg_jax import files
 from otseg_jax import image_ops
 from otseg_jax import inference
 from otseg_jax.data import pipeline
@@ -142,22 +141,8 @@ def format_summary(results: dict[str, Any]) -> str:
 # so a reader never sees half a file and a crash never leaves one behind.
 
 
-def _atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def write_json(path: pathlib.Path, obj: Any) -> None:
-  _atomic_write_bytes(path, (json.dumps(obj, indent=2) + '\n').encode())
+  files.write_atomic(path, (json.dumps(obj, indent=2) + '\n').encode())
 
 
 def per_class_table(results: dict[str, Any]) -> str:
@@ -181,7 +166,7 @@ UNSEEN_COLOUR = '#DD8452'
 def _savefig_atomic(fig, path: pathlib.Path) -> None:
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=100)
-  _atomic_write_bytes(path, buf.getvalue())
+  files.write_atomic(path, buf.getvalue())
 
 
 def plot_per_class_iou(results: dict[str, Any], path: pathlib.Path, title: str = '') -> None:
@@ -220,7 +205,7 @@ def write_report(results: dict[str, Any], outdir: pathlib.Path, title: str = '')
   """results.json, per_class.md and per_class_iou.png in `outdir`."""
   outdir = pathlib.Path(outdir)
   write_json(outdir / 'results.json', results)
-  _atomic_write_bytes(outdir / 'per_class.md', per_class_table(results).encode())
+  files.write_atomic(outdir / 'per_class.md', per_class_table(results).encode())
   plot_per_class_iou(results, outdir / 'per_class_iou.png', title)
 
 
@@ -258,7 +243,7 @@ def write_png(path: pathlib.Path, array: np.ndarray) -> None:
   """Atomic PNG write of a (H, W) or (H, W, 3) uint8 array."""
   buf = io.BytesIO()
   Image.fromarray(np.asarray(array, np.uint8)).save(buf, format='PNG')
-  _atomic_write_bytes(path, buf.getvalue())
+  files.write_atomic(path, buf.getvalue())
 
 
 def legend_strip(class_ids: Iterable[int], class_names: Sequence[str], num_classes: int,

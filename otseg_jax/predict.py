@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from otseg_jax import cli
+
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m otseg_jax.predict',
@@ -108,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   text = text_embeddings.compute_text_embeddings(spec, clip_params, tokenizer, names, templates)
+  text_embeddings.check_text_embeddings(text, f'--clip {clip_src}', names)
   if text.shape[-1] != model_config.backbone.output_dim:
     parser.error(f'--clip {clip_src} embeds text in {text.shape[-1]} dimensions but the model in '
                  f'{checkpoint} in {model_config.backbone.output_dim}: use the CLIP it was '
@@ -148,4 +151,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run('python -m otseg_jax.predict', main))

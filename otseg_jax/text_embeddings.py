@@ -8,16 +8,19 @@ feature of `template.format(name)` (EOT token after ln_final, @ text_projection)
 """
 
 import argparse
+import io
+import logging
 import os
 import pathlib
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
 from otseg_jax import classes as classes_lib
+from otseg_jax import cli
+from otseg_jax import files
 from otseg_jax.models import clip_weights
 
 
@@ -31,6 +34,36 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str]) -> None:
   if bad:
     raise ValueError(f'Templates must contain "{{}}" where the class name goes; these do not: '
                      f'{bad}.')
+
+
+# How far a row's L2 norm may be from 1 before a warning: float16 storage alone is off by ~1e-3.
+UNIT_NORM_TOLERANCE = 1e-2
+
+
+def check_text_embeddings(text: np.ndarray, source, class_names: Sequence[str] = ()) -> None:
+  """The one check of class text, wherever it is loaded or computed (train, eval, predict).
+
+  Raises ValueError naming `source` and the first class (index and name) with a NaN or infinite
+  value: such text turns every score of its class into garbage, which training would only report
+  later as a diverging loss. Logs a warning, only, if rows of the (K, N, C) `text` are not unit
+  length within UNIT_NORM_TOLERANCE: the model expects L2-normalised prompts.
+  """
+  text = np.asarray(text)
+  bad = ~np.isfinite(text.reshape(len(text), -1)).all(axis=1)
+  if bad.any():
+    k = int(np.argmax(bad))
+    name = f' ({class_names[k]!r})' if k < len(class_names) else ''
+    raise ValueError(f'Text embeddings from {source}: class {k}{name} has NaN or infinite values '
+                     f'({int(bad.sum())} of {len(text)} classes do). Recompute them (python -m '
+                     'otseg_jax.text_embeddings) from CLIP weights without NaN.')
+  norms = np.linalg.norm(text.astype(np.float64), axis=-1)
+  off = int((np.abs(norms - 1) > UNIT_NORM_TOLERANCE).sum())
+  if off:
+    worst = np.unravel_index(np.argmax(np.abs(norms - 1)), norms.shape)
+    logging.getLogger(__name__).warning(
+        'Text embeddings from %s: %d of %d rows are not unit length (worst: class %d, norm %.4g); '
+        'the model expects L2-normalised embeddings.', source, off, norms.size, worst[0],
+        norms[worst])
 
 
 def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
@@ -91,18 +124,37 @@ def read_classes_file(path: str) -> tuple[str, ...]:
   return tuple(line.strip() for line in lines if line.strip())
 
 
-def save_npy_atomic(path, array: np.ndarray) -> None:
-  """np.save to a temporary file beside `path`, then os.replace: readers never see half a file."""
+def read_npy(path) -> np.ndarray:
+  """A text-embeddings array from a .npy file, as float32; every failure is one ValueError that
+  names the file. No pickle is loaded, and the size the header declares is checked against the
+  file before anything is allocated."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
+  fix = 'write it with numpy.save or python -m otseg_jax.text_embeddings'
   try:
-    with os.fdopen(fd, 'wb') as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
+    with open(path, 'rb') as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+      data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+  except OSError:
     raise
+  except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError, ...
+    raise ValueError(f'{path}: not a numpy .npy array ({type(e).__name__}: {e}); {fix}.') from e
+  if dtype.hasobject or dtype.kind not in 'fiub':
+    raise ValueError(f'{path}: holds {dtype} values, not numbers; {fix}.')
+  want = int(np.prod(shape)) * dtype.itemsize
+  if want != data_bytes:
+    raise ValueError(f'{path}: its header declares {shape} {dtype} ({want} bytes) but it holds '
+                     f'{data_bytes}: truncated or corrupt; {fix}.')
+  return np.load(path, allow_pickle=False).astype(np.float32)
+
+
+def save_npy_atomic(path, array: np.ndarray) -> None:
+  """np.save to `path` atomically (`files.write_atomic`): readers never see half a file."""
+  buf = io.BytesIO()
+  np.save(buf, array)
+  files.write_atomic(path, buf.getvalue())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,9 +209,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f'tokenizer {tokenizer_src}', file=sys.stderr)
   emb = compute_text_embeddings(spec, params, tokenizer, names, templates,
                                 batch_size=args.batch_size, progress=True)
+  check_text_embeddings(emb, f'CLIP {args.clip}', names)
   save_npy_atomic(args.out, emb)
   print(f'wrote {args.out}: {emb.shape} {emb.dtype}', file=sys.stderr)
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(cli.run('python -m otseg_jax.text_embeddings', main))

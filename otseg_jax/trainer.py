@@ -288,7 +288,7 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
       raise FileNotFoundError(f'config.text_embeddings={source!r}: no such file. Point it at a '
                               f'(K, N, C) .npy of the {config.dataset} classes, or set it to \'\' to '
                               'compute the embeddings with the CLIP text tower (config.clip).')
-    text = np.load(path).astype(np.float32)
+    text = text_embeddings.read_npy(path)
   elif config.clip:
     spec, clip_params = clip_weights.load_clip(config.clip)
     tokenizer = clip_weights.load_tokenizer(
@@ -320,6 +320,7 @@ def load_text_embeddings(config: ml_collections.ConfigDict,
   if text.shape[1] != config.model.num_prompts:
     raise ValueError(f'Text embeddings from {source} have {text.shape[1]} prompts per class but '
                      f'config.model.num_prompts={config.model.num_prompts}; set one to the other.')
+  text_embeddings.check_text_embeddings(text, source, class_names)
   return text
 
 
@@ -414,7 +415,8 @@ def init_params(config: ml_collections.ConfigDict, model: Any, text: np.ndarray,
     check_same_structure(loaded, params, f'init_from={config.init_from}')
     return jax.tree.map(lambda x, ref: np.asarray(x, ref.dtype), loaded, params)
   if config.clip:
-    _, clip_params = clip_weights.load_clip(config.clip, image_size=config.model.image_size)
+    spec, clip_params = clip_weights.load_clip(config.clip, image_size=config.model.image_size)
+    clip_weights.check_backbone_config(spec, config.model.backbone, config.clip)
     params = merge_clip_weights(params, clip_params['visual'], config.clip)
   return params
 

@@ -211,3 +211,186 @@ def test_tokenizer_source(tmp_path):
   assert source(tmp_path / 'clip', 'my/tokenizer') == 'my/tokenizer'
   assert source('openai/clip-vit-large-patch14') == 'openai/clip-vit-large-patch14'
   assert source(tmp_path / 'ViT-B-16.pt') == clip_weights.DEFAULT_TOKENIZER
+
+
+def test_clip_heads_disagreeing_with_the_config_stop_training(tmp_path):
+  """4 heads and 2 heads of one width have the same tensors: only the spec tells them apart."""
+  from configs import tiny
+  from otseg_jax import trainer
+  from otseg_jax.models import otseg
+  config = tiny.get_config()  # backbone: patch 8, width 32, 2 layers, 2 heads, output 32
+  ct.save_random_hf_clip(tmp_path / 'hf', vision_width=32, vision_layers=2, vision_heads=4,
+                         patch_size=8, image_size=32, text_width=32, text_layers=1,
+                         text_heads=2, embed_dim=32)
+  config.clip = str(tmp_path / 'hf')
+  model = otseg.model_from_config(config.model)
+  text = np.ones((12, 4, 32), np.float32)
+  with pytest.raises(clip_weights.CheckpointError,
+                     match=r'heads=2 but the checkpoint has 4\. Set --config\.model\.backbone'):
+    trainer.init_params(config, model, text, seed=0)
+  config.model.backbone.heads = 4
+  trainer.init_params(config, otseg.model_from_config(config.model), text, seed=0)
+
+
+def test_converted_clip_spec_is_checked_against_its_tensors(tmp_path):
+  model = ct.tiny_openai_clip(seed=1)
+  torch.save(model.state_dict(), tmp_path / 'sd.pt')
+  from otseg_jax import convert
+  (tmp_path / 'model.json').write_text(json.dumps({'image_size': 32}))
+  assert convert.main(['--from', 'openai-clip', '--in', str(tmp_path / 'sd.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config', str(tmp_path / 'model.json')]) == 0
+  meta_path = tmp_path / 'clip' / 'metadata.json'
+  meta = json.loads(meta_path.read_text())
+  assert clip_weights.load_clip(tmp_path / 'clip')[0].vision_layers == 2
+  for field, value, message in (('vision_layers', 3, 'vision_layers 3 but the tensors say 2'),
+                                ('vision_heads', 3, 'vision_heads 3 does not divide the width 128'),
+                                ('context_length', 77, 'context_length 77 but the tensors say 16')):
+    spec = dict(meta['clip_spec'], **{field: value})
+    meta_path.write_text(json.dumps(dict(meta, clip_spec=spec)))
+    with pytest.raises(clip_weights.CheckpointError, match=message):
+      clip_weights.load_clip(tmp_path / 'clip')
+
+
+def _crafted_archive(path, size, stride, numel=4, torchscript=True, storage_key='0',
+                     storage_bytes=16):
+  """A torch zip checkpoint by hand: one float tensor of `size` / `stride` over a storage of
+  `numel` floats in data/`storage_key` holding `storage_bytes` bytes."""
+  import collections
+  import io
+  import pickle
+  import zipfile
+
+  class Storage:
+    pass
+
+  class Tensor:
+
+    def __reduce__(self):
+      return (torch._utils._rebuild_tensor_v2,
+              (Storage(), 0, size, stride, False, collections.OrderedDict()))
+
+  class Pickler(pickle.Pickler):
+
+    def persistent_id(self, obj):
+      if isinstance(obj, Storage):
+        return ('storage', torch.FloatStorage, storage_key, 'cpu', numel)
+      return None
+
+  buf = io.BytesIO()
+  Pickler(buf, protocol=2).dump(collections.OrderedDict(w=Tensor()))
+  with zipfile.ZipFile(path, 'w') as z:
+    z.writestr('archive/data.pkl', buf.getvalue())
+    z.writestr('archive/data/0', b'\0' * storage_bytes)
+    z.writestr('archive/version', '3\n')
+    z.writestr('archive/byteorder', 'little')
+    if torchscript:
+      z.writestr('archive/constants.pkl', pickle.dumps(()))
+  return path
+
+
+@pytest.mark.parametrize('torchscript', [True, False], ids=['torchscript', 'torch.load'])
+def test_tensor_larger_than_its_storage_is_refused_before_allocating(tmp_path, torchscript):
+  # 16 bytes of storage; the tensors claim 4 MB (zero strides repeat one element) and 149 GiB.
+  for size, stride in (((1000, 1000), (0, 0)), ((200_000, 200_000), (0, 0))):
+    path = _crafted_archive(tmp_path / 'crafted.pt', size, stride, torchscript=torchscript)
+    assert path.stat().st_size < 2000
+    with pytest.raises(clip_weights.CheckpointError, match=r'elements but its storage'):
+      clip_weights.load_state_dict(path)
+  # A tensor that fits its storage still loads.
+  path = _crafted_archive(tmp_path / 'ok.pt', (2, 2), (2, 1), torchscript=torchscript)
+  np.testing.assert_array_equal(clip_weights.load_state_dict(path)['w'], np.zeros((2, 2)))
+
+
+def _zip(path, files):
+  import zipfile
+  with zipfile.ZipFile(path, 'w') as z:
+    for name, data in files.items():
+      z.writestr(name, data)
+  return path
+
+
+def test_damaged_torchscript_archives_are_one_error_naming_the_file(tmp_path):
+  import pickle
+  ts = {'archive/constants.pkl': pickle.dumps(()), 'archive/version': '3\n'}
+  cases = {
+      'garbage.pt': (_zip(tmp_path / 'garbage.pt', {**ts, 'archive/data.pkl': b'\x80\x02garbage'}),
+                     'not a readable TorchScript archive'),
+      'bad_id.pt': (_crafted_archive(tmp_path / 'bad_id.pt', (2,), (1,), storage_key='7'),
+                    "Storage '7' is not in the archive"),
+      'short.pt': (_crafted_archive(tmp_path / 'short.pt', (2,), (1,), numel=100),
+                   "Storage '0' claims 100 elements of float32; the archive holds 16 bytes"),
+  }
+  # A damaged central directory: a name flagged UTF-8 that is not.
+  bad_dir = _zip(tmp_path / 'bad_dir.pt', {**ts, 'archive/d\u00e4ta.pkl': b''}).read_bytes()
+  (tmp_path / 'bad_dir.pt').write_bytes(bad_dir.replace('\u00e4'.encode(), b'\xbd\xbd'))
+  cases['bad_dir.pt'] = (tmp_path / 'bad_dir.pt', 'a damaged zip archive')
+  for name, (path, message) in cases.items():
+    with pytest.raises(clip_weights.CheckpointError, match=message) as e:
+      clip_weights.load_clip(path)
+    assert name in str(e.value) and '\n' not in str(e.value)
+
+
+def test_malicious_pickle_is_refused_and_not_run(tmp_path):
+  """A data.pkl that calls os.system: refused by the restricted unpickler, nothing executed."""
+  import os
+  import pickle
+
+  class Evil:
+
+    def __reduce__(self):
+      return (os.system, (f'touch {tmp_path}/pwned',))
+
+  for torchscript in (True, False):
+    files = {'archive/data.pkl': pickle.dumps(Evil(), protocol=2), 'archive/version': '3\n'}
+    if torchscript:
+      files['archive/constants.pkl'] = pickle.dumps(())
+    path = _zip(tmp_path / f'evil_{"ts" if torchscript else "pt"}.pt', files)
+    with pytest.raises(clip_weights.CheckpointError, match=r'evil.*(posix|os)\.system') as e:
+      clip_weights.load_state_dict(path)
+    # One line, and none of torch's advice to load it with weights_only=False.
+    assert '\n' not in str(e.value) and 'False' not in str(e.value), str(e.value)
+  assert not (tmp_path / 'pwned').exists()
+
+
+def test_corrupt_hf_files_are_one_error_naming_the_file(checkpoints, tmp_path):
+  import shutil
+  _, _, root = checkpoints
+  shutil.copytree(root / 'hf', tmp_path / 'hf')
+  weights = tmp_path / 'hf' / 'model.safetensors'
+  weights.write_bytes(weights.read_bytes()[:100])  # truncated
+  with pytest.raises(clip_weights.CheckpointError,
+                     match=r'model\.safetensors: not a readable safetensors file'):
+    clip_weights.load_clip(tmp_path / 'hf')
+  (tmp_path / 'hf' / 'config.json').write_text('{"vision_config": ')
+  with pytest.raises(clip_weights.CheckpointError, match=r'config\.json: not valid JSON'):
+    clip_weights.load_clip(tmp_path / 'hf')
+
+
+def test_damaged_sizes_in_json_files_are_one_error(checkpoints, tmp_path):
+  """Sizes from config.json / metadata.json are checked before any arithmetic with them."""
+  import shutil
+  from otseg_jax import convert
+  _, _, root = checkpoints
+  shutil.copytree(root / 'hf', tmp_path / 'hf')
+  config_path = tmp_path / 'hf' / 'config.json'
+  config = json.loads(config_path.read_text())
+  for section, field, value in (('vision_config', 'patch_size', 0),
+                                ('text_config', 'num_hidden_layers', None),
+                                ('vision_config', 'layer_norm_eps', 'x'),
+                                (None, 'vision_config', 3)):
+    broken = json.loads(json.dumps(config))
+    (broken[section] if section else broken)[field] = value
+    config_path.write_text(json.dumps(broken))
+    with pytest.raises(clip_weights.CheckpointError, match=f'{field}'):
+      clip_weights.load_clip(tmp_path / 'hf')
+  (tmp_path / 'model.json').write_text('{"image_size": 32}')
+  assert convert.main(['--from', 'openai-clip', '--in', str(root / 'state_dict.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config', str(tmp_path / 'model.json')]) == 0
+  meta_path = tmp_path / 'clip' / 'metadata.json'
+  meta = json.loads(meta_path.read_text())
+  for spec, message in (({}, 'clip_spec is not a CLIP spec'),
+                        (dict(meta['clip_spec'], patch_size=0), r'patch_size=0, expected positive'),
+                        (dict(meta['clip_spec'], image_size=7), r'clip_spec\.image_size=7')):
+    meta_path.write_text(json.dumps(dict(meta, clip_spec=spec)))
+    with pytest.raises(clip_weights.CheckpointError, match=message):
+      clip_weights.load_clip(tmp_path / 'clip', image_size=48)

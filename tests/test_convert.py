@@ -152,7 +152,7 @@ def test_cli_converts_openai_clip(tmp_path):
                        '--out', str(tmp_path / 'clip'), '--config',
                        str(tmp_path / 'config.json')]) == 0
   params, metadata = checkpoint.load_params(tmp_path / 'clip')
-  assert set(params) == {'backbone', 'text'}
+  assert set(params) == {'backbone', 'text', 'source_positional_embedding'}
   assert metadata['clip_spec']['vision_width'] == 128
   # Every non-prompt backbone leaf of the OTSeg model, with its shape: what a trainer needs.
   want = {k: v.shape for k, v in traverse_util.flatten_dict(convert.param_shapes(config)
@@ -212,3 +212,54 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
   (path / 'metadata.json').write_text('{broken')
   with pytest.raises(ValueError, match='corrupt'):
     checkpoint.load_params(path)
+
+
+def test_config_json_other_than_a_model_config_is_refused(tmp_path):
+  from configs import tiny
+  train_config = tmp_path / 'run_config.json'  # what a training workdir holds
+  train_config.write_text(tiny.get_config().to_json())
+  with pytest.raises(ValueError, match=r"run_config\.json: not a model config.*training run's "
+                     r"config\.json: pass --config voc\|context\|coco"):
+    convert.load_model_config(str(train_config))
+  cases = {'{"image_size": 32, "backbone": {"widht": 64}}': 'backbone.widht is no field',
+           '{"backbone": 3}': r'backbone \(a section, given a int\)',
+           '{"image_size": 32.5}': "Could not override field 'image_size'",
+           '[1, 2]': 'holds a list', '{"image_size": ': 'not valid JSON',
+           '{"dec_layers": 2}': "a reference config without the field 'layers'"}
+  for i, (text, message) in enumerate(cases.items()):
+    path = tmp_path / f'c{i}.json'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+      convert.load_model_config(str(path))
+  path.write_text('{"image_size": 32, "backbone": {"width": 64}}')  # some fields: the rest voc's
+  config = convert.load_model_config(str(path))
+  assert (config.image_size, config.backbone.width, config.backbone.layers) == (32, 64, 12)
+
+
+def test_converted_clip_is_resized_once_from_the_source_grid(tmp_path):
+  """Converted for a 6x6 grid, loaded for 4x4 (the source's) and 5x5: each straight from the
+  source's 4x4, not 4 -> 6 -> 4 (which drifts)."""
+  model = clip_testing.tiny_openai_clip(seed=6, image_size=32, patch_size=8)
+  torch.save(model.state_dict(), tmp_path / 'ViT-T.pt')
+  (tmp_path / 'model.json').write_text(json.dumps({'image_size': 48}))
+  assert convert.main(['--from', 'openai-clip', '--in', str(tmp_path / 'ViT-T.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config', str(tmp_path / 'model.json')]) == 0
+  for size in (None, 32, 40, 48):
+    spec, towers = clip_weights.load_clip(tmp_path / 'clip', image_size=size)
+    want_spec, want = clip_weights.load_clip(tmp_path / 'ViT-T.pt', image_size=size or 48)
+    assert spec == want_spec
+    np.testing.assert_array_equal(towers['visual']['positional_embedding'],
+                                  want['visual']['positional_embedding'], err_msg=str(size))
+
+
+def test_a_truncated_array_file_is_one_short_error_naming_it(tmp_path):
+  path = checkpoint.save_params(tmp_path / 'ck', {'a': np.ones(1000, np.float32)})
+  arrays = [f for f in (path / 'params').rglob('*') if f.is_file() and f.parent.name == 'd']
+  assert arrays
+  for f in arrays:
+    f.write_bytes(f.read_bytes()[:50])
+  with pytest.raises(ValueError, match='is corrupt or unreadable') as e:
+    checkpoint.load_params(path)
+  message = str(e.value)
+  assert str(path) in message and 'is not valid for value of size 50' in message
+  assert '\n' not in message and 'tensorstore_spec' not in message and len(message) < 600, message

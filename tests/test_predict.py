@@ -69,3 +69,18 @@ def test_bad_arguments(setup, tmp_path, capsys, args, message):
   with pytest.raises(SystemExit):
     predict.main([x for kv in base.items() for x in kv])
   assert message in capsys.readouterr().err
+
+
+def test_clip_giving_non_finite_text_is_refused(setup, tmp_path):
+  import shutil
+  import safetensors.numpy
+  clip_dir, ckpt, images = setup
+  shutil.copytree(clip_dir, tmp_path / 'clip')
+  weights = tmp_path / 'clip' / 'model.safetensors'
+  sd = safetensors.numpy.load_file(weights)
+  sd['text_projection.weight'][:, 0] = np.nan
+  safetensors.numpy.save_file(sd, weights)
+  with pytest.raises(ValueError, match=r"class 0 \('cat'\) has NaN or infinite values"):
+    predict.main(['--checkpoint', str(ckpt), '--image', str(images[0]), '--classes', 'cat,dog',
+                  '--clip', str(tmp_path / 'clip'), '--out', str(tmp_path / 'out')])
+  assert not (tmp_path / 'out').exists()

@@ -112,3 +112,70 @@ def test_real_clip_reproduces_the_authors_voc_embeddings(tmp_path):
                                                 voc.classes, classes.templates(voc.templates))
   want = np.load(shared_path('text_embeddings', 'voc12_otseg.npy')).astype(np.float32)
   np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+def _tiny_config_and_names():
+  from configs import tiny
+  from otseg_jax import trainer
+  from otseg_jax.data import synthetic
+  config = tiny.get_config()
+  names = synthetic.load_split('train', trainer.synthetic_config(config)).classes.classes
+  return config, names
+
+
+def test_a_text_file_that_is_no_npy_array_is_one_error_naming_it(tmp_path):
+  from otseg_jax import trainer
+  config, names = _tiny_config_and_names()
+  bad = {
+      'text.npy': (b'a photo of a cat\n', 'not a numpy .npy array'),
+      'pickled.npy': (None, 'holds object values, not numbers'),
+      # 128 bytes of header claiming 10^12 floats over no data: refused before allocating.
+      'huge.npy': (None, r'declares \(1000000, 1000000\) float32 \(4000000000000 bytes\) but it '
+                   'holds 0'),
+      'truncated.npy': (None, 'holds 1200: truncated or corrupt'),
+      # A header cut inside a tuple: numpy's parser raises tokenize's TokenError.
+      'header.npy': (b'\x93NUMPY\x01\x00\x76\x00' + b"{'descr': ('<f4'," + b' ' * 100 + b'\n',
+                     'header.npy: not a numpy .npy array'),
+  }
+  np.save(tmp_path / 'pickled.npy', np.array([{'a': 1}], dtype=object), allow_pickle=True)
+  with open(tmp_path / 'huge.npy', 'wb') as f:
+    np.lib.format.write_array_header_1_0(
+        f, {'descr': '<f4', 'fortran_order': False, 'shape': (10**6, 10**6)})
+  np.save(tmp_path / 'truncated.npy', np.ones((12, 4, 32), np.float32))
+  data = (tmp_path / 'truncated.npy').read_bytes()
+  (tmp_path / 'truncated.npy').write_bytes(data[:len(data) - 12 * 4 * 32 * 4 + 1200])
+  for name, (content, message) in bad.items():
+    if content is not None:
+      (tmp_path / name).write_bytes(content)
+    config.text_embeddings = str(tmp_path / name)
+    with pytest.raises(ValueError, match=message) as e:
+      trainer.load_text_embeddings(config, names)
+    assert name in str(e.value)
+
+
+def test_non_finite_text_stops_train_and_eval_naming_the_file_and_class(tmp_path):
+  from otseg_jax import evaluate, trainer
+  config, names = _tiny_config_and_names()
+  text = np.ones((12, 4, 32), np.float32) / np.sqrt(32)
+  text[5, 2, 7] = np.nan
+  text[9, 0, 0] = np.inf
+  np.save(tmp_path / 'nan.npy', text)
+  config.text_embeddings = str(tmp_path / 'nan.npy')
+  message = (rf"from {tmp_path}/nan\.npy: class 5 \({names[5]!r}\) has NaN or infinite values "
+             r"\(2 of 12 classes do\)")
+  with pytest.raises(ValueError, match=message):
+    trainer.load_text_embeddings(config, names)  # what train.py loads
+  (tmp_path / 'ckpt').mkdir()
+  with pytest.raises(ValueError, match=message):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'ckpt'))
+
+
+def test_text_that_is_not_unit_length_is_a_warning_only(caplog):
+  text = np.ones((3, 2, 4), np.float32) / 2
+  text_embeddings.check_text_embeddings(text, 'here', ['a', 'b', 'c'])
+  assert not caplog.records
+  text[1, 1] *= 1.5
+  text_embeddings.check_text_embeddings(text, 'here', ['a', 'b', 'c'])
+  assert len(caplog.records) == 1 and caplog.records[0].levelname == 'WARNING'
+  assert ('from here: 1 of 6 rows are not unit length (worst: class 1, norm 1.5)'
+          in caplog.records[0].getMessage())

@@ -14,6 +14,7 @@ float32. Under `jax.enable_x64` a float64 checkpoint therefore gives float64 par
 """
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -31,10 +32,11 @@ import numpy as np
 from otseg_jax import image_ops
 from otseg_jax.models.clip import CLIPSpec
 
-__all__ = ['CLIPSpec', 'CheckpointError', 'clip_from_state_dict', 'has_tokenizer_files',
-           'load_clip', 'load_state_dict', 'load_tokenizer', 'looks_like_hub_id',
-           'read_torchscript_archive', 'resize_positional_embedding',
-           'text_params_from_state_dict', 'tokenize', 'visual_params_from_state_dict']
+__all__ = ['CLIPSpec', 'CheckpointError', 'check_backbone_config', 'clip_from_state_dict',
+           'has_tokenizer_files', 'load_clip', 'load_state_dict', 'load_tokenizer',
+           'looks_like_hub_id', 'positional_embedding_for', 'read_torchscript_archive',
+           'resize_positional_embedding', 'text_params_from_state_dict', 'tokenize',
+           'visual_params_from_state_dict']
 
 Params = dict[str, Any]
 
@@ -151,7 +153,7 @@ def resize_positional_embedding(pos: np.ndarray, grid: tuple[int, int]) -> np.nd
   return np.concatenate([pos[:1], resized], axis=0)
 
 
-def _positional_embedding_for(pos: np.ndarray, patch: int, image_size) -> np.ndarray:
+def positional_embedding_for(pos: np.ndarray, patch: int, image_size) -> np.ndarray:
   """`pos` resized to the grid of `image_size` (int or (H, W)) // `patch`."""
   h, w = image_ops.as_pair(image_size)
   if h < patch or w < patch:
@@ -225,7 +227,7 @@ def visual_params_from_state_dict(sd: Mapping[str, Any],
 
   pos = sd['positional_embedding']
   if image_size is not None:
-    pos = _positional_embedding_for(pos, p, image_size)
+    pos = positional_embedding_for(pos, p, image_size)
   params = {
       'conv1': {'kernel': np.ascontiguousarray(sd['conv1.weight'].transpose(2, 3, 1, 0))},
       'class_embedding': sd['class_embedding'],
@@ -325,6 +327,55 @@ def clip_from_state_dict(sd: Mapping[str, Any], image_size: int | Sequence[int] 
   return spec or _openai_spec(sd, image_size), params
 
 
+# The architecture facts a CLIP checkpoint fixes for the image tower: config.model.backbone field
+# -> CLIPSpec field. The MLP width is 4 * width in both (checked against the tensors on load).
+_BACKBONE_FIELDS = {'patch_size': 'patch_size', 'width': 'vision_width',
+                    'layers': 'vision_layers', 'heads': 'vision_heads', 'output_dim': 'embed_dim'}
+
+
+def check_backbone_config(spec: CLIPSpec, backbone: Mapping[str, Any], source) -> None:
+  """Raises CheckpointError (one line) naming each field of `backbone` (config.model.backbone)
+  that disagrees with the CLIP checkpoint's `spec`, with both values.
+
+  Shapes alone do not catch every disagreement: 4 heads and 2 heads of the same width have the
+  same tensors, and loading one into the other silently runs a different image tower.
+  """
+  wrong = [f'{field}={backbone[field]} but the checkpoint has {getattr(spec, name)}'
+           for field, name in _BACKBONE_FIELDS.items() if backbone[field] != getattr(spec, name)]
+  if wrong:
+    raise CheckpointError(
+        f'CLIP weights {source} do not fit config.model.backbone: ' + '; '.join(wrong) +
+        '. Set --config.model.backbone.FIELD to the checkpoint\'s value, or use the CLIP the '
+        'config was made for.')
+
+
+def _check_spec(spec: CLIPSpec, towers: Mapping[str, Params], where) -> None:
+  """Raises CheckpointError if a spec (e.g. from a converted directory's metadata) disagrees with
+  the tensors it describes; heads, which no shape shows, must divide the widths."""
+  vis, txt = towers['visual'], towers['text']
+  p, _, _, vw = np.shape(vis['conv1']['kernel'])
+  tw = np.shape(txt['ln_final']['scale'])[0]
+  facts = {
+      'patch_size': p, 'vision_width': vw, 'vision_layers': len(vis['transformer']),
+      'embed_dim': np.shape(vis['proj'])[1], 'text_width': tw,
+      'text_layers': len(txt['transformer']),
+      'context_length': np.shape(txt['positional_embedding'])[0],
+      'vocab_size': np.shape(txt['token_embedding']['embedding'])[0],
+  }
+  wrong = [f'{k} {getattr(spec, k)} but the tensors say {v}' for k, v in facts.items()
+           if getattr(spec, k) != v]
+  for tower, width, heads in (('vision', vw, spec.vision_heads), ('text', tw, spec.text_heads)):
+    if heads < 1 or width % heads:
+      wrong.append(f'{tower}_heads {heads} does not divide the width {width}')
+  for tower, width in (('visual', vw), ('text', tw)):
+    mlp = {np.shape(b['mlp']['c_fc']['kernel']) for b in towers[tower]['transformer'].values()}
+    if mlp != {(width, 4 * width)}:
+      wrong.append(f'{tower} MLP kernels {sorted(mlp)}, this port runs ({width}, {4 * width})')
+  if wrong:
+    raise CheckpointError(f'{where}: the CLIP spec does not match its weights: '
+                          + '; '.join(wrong) + '. Re-create it with python -m otseg_jax.convert.')
+
+
 # ----------------------------------------------------------------------------------------------
 # HF layout.
 
@@ -360,9 +411,21 @@ def _hf_expected(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   return out
 
 
+def _require_positive_ints(values: Mapping[str, Any], names: Sequence[str], where: str) -> None:
+  """Sizes read from a JSON file are checked before any arithmetic: a damaged or hand-edited file
+  would otherwise fail deep inside with a TypeError or ZeroDivisionError."""
+  # type() rather than isinstance: True is an int, never a size.
+  # pylint: disable-next=unidiomatic-typecheck
+  bad = [f'{n}={values.get(n)!r}' for n in names if type(values.get(n)) is not int or values[n] < 1]
+  if bad:
+    raise CheckpointError(f'{where}: {", ".join(bad)}, expected positive integers: the file is '
+                          'damaged; write it again.')
+
+
 def _hf_config(config: Mapping[str, Any], where: str) -> dict[str, Any]:
   """config.json of a CLIPModel with transformers' defaults filled in; refuses what we can't run."""
-  if 'vision_config' not in config or 'text_config' not in config:
+  if not (isinstance(config, Mapping) and isinstance(config.get('vision_config'), Mapping)
+          and isinstance(config.get('text_config'), Mapping)):
     raise CheckpointError(f'{where}: config.json has no vision_config/text_config; expected the '
                           'config of a transformers CLIPModel (model_type "clip").')
   vc, tc = config['vision_config'], config['text_config']
@@ -374,14 +437,22 @@ def _hf_config(config: Mapping[str, Any], where: str) -> dict[str, Any]:
               vocab_size=49408, max_position_embeddings=77, hidden_act='quick_gelu',
               layer_norm_eps=1e-5)
   vc, tc = {**vdef, **vc}, {**tdef, **tc}
+  sizes = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads')
+  _require_positive_ints(vc, sizes + ('image_size', 'patch_size', 'num_channels'),
+                         f'{where}/config.json vision_config')
+  _require_positive_ints(tc, sizes + ('vocab_size', 'max_position_embeddings'),
+                         f'{where}/config.json text_config')
+  _require_positive_ints({'projection_dim': config.get('projection_dim', 512)}, ['projection_dim'],
+                         f'{where}/config.json')
   problems = []
   for name, cfg in (('vision_config', vc), ('text_config', tc)):
     if cfg['hidden_act'] != 'quick_gelu':
       problems.append(f'{name}.hidden_act is {cfg["hidden_act"]!r}, this port has quick_gelu')
     if cfg['intermediate_size'] != 4 * cfg['hidden_size']:
       problems.append(f'{name}.intermediate_size {cfg["intermediate_size"]} != 4 * hidden_size')
-    if abs(cfg['layer_norm_eps'] - 1e-5) > 1e-12:
-      problems.append(f'{name}.layer_norm_eps is {cfg["layer_norm_eps"]}, this port uses 1e-5')
+    eps = cfg['layer_norm_eps']
+    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+      problems.append(f'{name}.layer_norm_eps is {eps!r}, this port uses 1e-5')
   if vc['num_channels'] != 3:
     problems.append(f'vision_config.num_channels is {vc["num_channels"]}, expected 3')
   if problems:
@@ -440,35 +511,67 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   import safetensors
   out = {}
   try:
-    with safetensors.safe_open(str(path), framework='numpy') as f:
-      for k in f.keys():
-        out[k] = _as_numpy(f.get_tensor(k))
-  except (TypeError, ValueError) as e:
-    if 'bf16' not in str(e).lower() and 'bfloat16' not in str(e).lower():
-      raise
-    # numpy has no bfloat16: read through jax's ml_dtypes-aware loader, then widen.
-    with safetensors.safe_open(str(path), framework='flax') as f:
-      for k in f.keys():
-        out[k] = np.asarray(f.get_tensor(k)).astype(np.float32)
+    try:
+      with safetensors.safe_open(str(path), framework='numpy') as f:
+        for k in f.keys():
+          out[k] = _as_numpy(f.get_tensor(k))
+    except (TypeError, ValueError) as e:
+      if 'bf16' not in str(e).lower() and 'bfloat16' not in str(e).lower():
+        raise
+      # numpy has no bfloat16: read through jax's ml_dtypes-aware loader, then widen.
+      with safetensors.safe_open(str(path), framework='flax') as f:
+        for k in f.keys():
+          out[k] = np.asarray(f.get_tensor(k)).astype(np.float32)
+  except Exception as e:  # SafetensorError is no ValueError; every failure means a bad file
+    raise CheckpointError(f'{path}: not a readable safetensors file ({type(e).__name__}: {e}). '
+                          'It is truncated or corrupt: download or save it again.') from e
   return out
 
 
+def _read_json(path: pathlib.Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{path}: not valid JSON ({e}): download or save it again.') from e
+
+
+# A converted CLIP keeps its source's positional embedding beside the backbone's (resized for the
+# convert --config), so that loading it for another size resizes once, from the source's grid.
+SOURCE_POSITIONAL_EMBEDDING = 'source_positional_embedding'
+
+
 def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]:
-  """A `convert --from openai-clip|hf-clip` checkpoint: {'backbone', 'text'} + the CLIP spec."""
+  """A `convert --from openai-clip|hf-clip` checkpoint: {'backbone', 'text',
+  SOURCE_POSITIONAL_EMBEDDING (optional)} + the CLIP spec."""
   from otseg_jax import checkpoint  # pylint: disable=g-import-not-at-top
   params, metadata = checkpoint.load_params(directory)
   if 'clip_spec' not in metadata or not {'backbone', 'text'} <= set(params):
     raise CheckpointError(f'{directory} is a parameter checkpoint but not of CLIP (no clip_spec, '
                           'image and text towers): write one with python -m otseg_jax.convert '
                           '--from openai-clip (or hf-clip).')
-  spec = dict(metadata['clip_spec'])
-  spec['image_size'] = tuple(spec['image_size'])
+  spec = metadata['clip_spec']
+  fields = [f.name for f in dataclasses.fields(CLIPSpec)]
+  if not isinstance(spec, dict) or sorted(spec) != sorted(fields):
+    raise CheckpointError(f'{directory}/metadata.json: clip_spec is not a CLIP spec (fields '
+                          f'{", ".join(fields)}): the file is damaged; convert the CLIP again.')
+  _require_positive_ints(spec, [f for f in fields if f != 'image_size'],
+                         f'{directory}/metadata.json clip_spec')
+  size = spec['image_size']
+  if not (isinstance(size, list) and len(size) == 2
+          and all(type(n) is int and n > 0 for n in size)):  # pylint: disable=unidiomatic-typecheck
+    raise CheckpointError(f'{directory}/metadata.json: clip_spec.image_size={size!r}, expected '
+                          '[H, W]: the file is damaged; convert the CLIP again.')
+  spec = dict(spec, image_size=tuple(size))
   visual = dict(params['backbone'])
   if image_size is not None:
-    visual['positional_embedding'] = _positional_embedding_for(
-        np.asarray(visual['positional_embedding']), spec['patch_size'], image_size)
+    # From the source's own grid where the checkpoint keeps it: resized once, not away and back.
+    source = params.get(SOURCE_POSITIONAL_EMBEDDING, visual['positional_embedding'])
+    visual['positional_embedding'] = positional_embedding_for(
+        np.asarray(source), spec['patch_size'], image_size)
     spec['image_size'] = image_ops.as_pair(image_size)
-  return CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
+  spec, towers = CLIPSpec(**spec), {'visual': visual, 'text': params['text']}
+  _check_spec(spec, towers, directory)
+  return spec, towers
 
 
 def _load_hf_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]:
@@ -477,14 +580,14 @@ def _load_hf_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, Params]
     raise FileNotFoundError(f'{directory} has no config.json: expected a transformers CLIPModel '
                             'directory (config.json + model.safetensors, as save_pretrained '
                             'writes).')
-  config = _hf_config(json.loads(config_path.read_text()), str(directory))
+  config = _hf_config(_read_json(config_path), str(directory))
   spec = _hf_spec(config, image_size)
   index = directory / 'model.safetensors.index.json'
   if (directory / 'model.safetensors').is_file():
     sd = _read_safetensors(directory / 'model.safetensors')
   elif index.is_file():
     sd = {}
-    for name in sorted(set(json.loads(index.read_text())['weight_map'].values())):
+    for name in sorted(set(_read_json(index)['weight_map'].values())):
       sd.update(_read_safetensors(directory / name))
   elif (directory / 'pytorch_model.bin').is_file():
     sd = load_state_dict(directory / 'pytorch_model.bin')
@@ -517,7 +620,19 @@ _STORAGE_DTYPES = {
 }
 
 
+def _check_fits_storage(shape, numel: int, storage_numel: int) -> None:
+  """A tensor may view part of its storage, never more elements than it holds: zero or
+  overlapping strides would let a few bytes of a crafted file claim any size, which the first copy
+  (np.array, astype, transpose) then tries to allocate."""
+  if numel > storage_numel:
+    raise CheckpointError(f'a tensor of shape {tuple(shape)} has {numel} elements but its storage '
+                          f'holds {storage_numel}: corrupt or crafted, not loaded')
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
+  if min(size, default=0) < 0 or len(stride) != len(size):
+    raise pickle.UnpicklingError(f'A tensor of shape {size}, strides {stride}: corrupt archive.')
+  _check_fits_storage(size, math.prod(size), len(storage))
   last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
   if offset < 0 or min(stride, default=0) < 0 or last >= len(storage):
     raise pickle.UnpicklingError('A tensor reaches outside its storage: corrupt archive.')
@@ -535,6 +650,7 @@ class _TorchScriptUnpickler(pickle.Unpickler):
   def __init__(self, file, archive: zipfile.ZipFile, root: str):
     super().__init__(file)
     self._archive, self._root = archive, root
+    self._names = set(archive.namelist())
 
   def find_class(self, module, name):
     if module.startswith('__torch__'):
@@ -550,22 +666,36 @@ class _TorchScriptUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f'{module}.{name} is not allowed in a weights-only read.')
 
   def persistent_load(self, pid):
-    kind, storage_type, key, _, numel = pid
-    if kind != 'storage':
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'):
       raise pickle.UnpicklingError(f'Unknown persistent id {pid!r}.')
+    _, storage_type, key, _, numel = pid
+    if storage_type not in _STORAGE_DTYPES:
+      raise pickle.UnpicklingError(f'Unknown storage type {storage_type!r}.')
     dtype = _STORAGE_DTYPES[storage_type]
     if dtype == 'bfloat16':
       import ml_dtypes
       dtype = ml_dtypes.bfloat16
-    raw = self._archive.read(f'{self._root}/data/{key}')
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder('<'), count=numel)
+    name = f'{self._root}/data/{key}'
+    if not isinstance(key, str) or name not in self._names:
+      raise pickle.UnpicklingError(f'Storage {key!r} is not in the archive.')
+    dtype = np.dtype(dtype).newbyteorder('<')
+    size = self._archive.getinfo(name).file_size
+    if not isinstance(numel, int) or numel < 0 or numel * dtype.itemsize > size:
+      raise pickle.UnpicklingError(f'Storage {key!r} claims {numel} elements of {dtype.name}; the '
+                                   f'archive holds {size} bytes for it.')
+    return np.frombuffer(self._archive.read(name), dtype=dtype, count=numel)
 
 
 def _is_torchscript(path: pathlib.Path) -> bool:
   if not zipfile.is_zipfile(path):
     return False
-  with zipfile.ZipFile(path) as z:
-    return any(n.split('/', 1)[-1].startswith(('code/', 'constants.pkl')) for n in z.namelist())
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = z.namelist()
+  except Exception as e:  # a damaged central directory: BadZipFile, UnicodeDecodeError, ...
+    raise CheckpointError(f'{path}: a damaged zip archive ({type(e).__name__}: {e}). It is '
+                          'truncated or corrupt: download it again.') from e
+  return any(n.split('/', 1)[-1].startswith(('code/', 'constants.pkl')) for n in names)
 
 
 def read_torchscript_archive(path) -> dict[str, np.ndarray]:
@@ -579,13 +709,17 @@ def read_torchscript_archive(path) -> dict[str, np.ndarray]:
   replaces `torch.jit.load(path).state_dict()`, which would compile and run the archive's code.
   """
   path = pathlib.Path(path)
-  with zipfile.ZipFile(path) as z:
-    pkls = [n for n in z.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
-    if len(pkls) != 1:
-      raise CheckpointError(f'{path}: not a TorchScript archive (no <root>/data.pkl).')
-    root = pkls[0].split('/')[0]
-    with z.open(pkls[0]) as f:
-      obj = _TorchScriptUnpickler(f, z, root).load()
+  try:
+    with zipfile.ZipFile(path) as z:
+      pkls = [n for n in z.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
+      if len(pkls) != 1:
+        raise CheckpointError('no <root>/data.pkl')
+      with z.open(pkls[0]) as f:
+        obj = _TorchScriptUnpickler(f, z, pkls[0].split('/')[0]).load()
+  except Exception as e:  # pickle, zip and decoding errors of a damaged file: all mean the same
+    detail = str(e) if isinstance(e, CheckpointError) else f'{type(e).__name__}: {e}'
+    raise CheckpointError(f'{path}: not a readable TorchScript archive ({detail}). It is '
+                          'truncated, corrupt or crafted: download it again.') from e
   out = {}
 
   def walk(node, prefix):
@@ -603,6 +737,14 @@ def read_torchscript_archive(path) -> dict[str, np.ndarray]:
   return out
 
 
+def _torch_load_reason(e: Exception) -> str:
+  """torch.load's error in one line. Its weights-only refusals open with paragraphs advising
+  weights_only=False, i.e. running the file's code: only the lines saying what was refused stay."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  boilerplate = ('Weights only load failed', 'Please file an issue', 'Check the documentation')
+  return ' '.join([line for line in lines if not line.startswith(boilerplate)] or lines)
+
+
 def load_state_dict(path) -> dict[str, np.ndarray]:
   """A flat {name: numpy array} from a .pt/.pth/.bin (TorchScript archive or torch.save'd dict)
   or a .safetensors file, without executing code from it."""
@@ -617,12 +759,21 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
   try:
     sd = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pickle errors of many kinds; say what the file should be
-    raise CheckpointError(f'{path}: not readable as a weights-only torch checkpoint ({e}).') from e
+    raise CheckpointError(f'{path}: not readable as a weights-only torch checkpoint '
+                          f'({_torch_load_reason(e)}); nothing in it was run. It is damaged, or '
+                          'holds more than tensors.') from e
   if isinstance(sd, Mapping) and isinstance(sd.get('state_dict'), Mapping):
     sd = sd['state_dict']
   if not isinstance(sd, Mapping):
     raise CheckpointError(f'{path}: holds a {type(sd).__name__}, expected a state dict.')
-  return {k: _as_numpy(v) for k, v in sd.items() if hasattr(v, 'shape')}
+  arrays = {k: v for k, v in sd.items() if hasattr(v, 'shape')}
+  try:
+    for v in arrays.values():  # torch's set_ checks the last element only: _check_fits_storage
+      if isinstance(v, torch.Tensor):
+        _check_fits_storage(v.shape, v.numel(), v.untyped_storage().nbytes() // v.element_size())
+  except CheckpointError as e:
+    raise CheckpointError(f'{path}: {e}.') from e
+  return {k: _as_numpy(v) for k, v in arrays.items()}
 
 
 # ----------------------------------------------------------------------------------------------
