@@ -223,16 +223,18 @@ def random_tokens(rng: np.random.Generator, batch: int, length: int, vocab_size:
 
 def tiny_hf_config(*, vision_width=64, vision_layers=2, vision_heads=4, patch_size=8,
                    image_size=32, text_width=32, text_layers=2, text_heads=4, vocab_size=100,
-                   context_length=16, embed_dim=24):
+                   context_length=16, embed_dim=24, hidden_act='quick_gelu', mlp_ratio=4):
   """A small `transformers.CLIPConfig`; EOT is the largest id (`vocab_size - 1`)."""
   import transformers
   return transformers.CLIPConfig(
-      text_config=dict(hidden_size=text_width, intermediate_size=4 * text_width,
+      text_config=dict(hidden_size=text_width, intermediate_size=mlp_ratio * text_width,
+                       hidden_act=hidden_act,
                        num_hidden_layers=text_layers, num_attention_heads=text_heads,
                        vocab_size=vocab_size, max_position_embeddings=context_length,
                        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0,
                        projection_dim=embed_dim),
-      vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width,
+      vision_config=dict(hidden_size=vision_width, intermediate_size=mlp_ratio * vision_width,
+                         hidden_act=hidden_act,
                          num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
                          patch_size=patch_size, image_size=image_size, projection_dim=embed_dim),
       projection_dim=embed_dim)

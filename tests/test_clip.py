@@ -50,11 +50,28 @@ def hf_clip(tmp_path_factory):
   return ct.save_random_hf_clip(directory, seed=0), directory
 
 
+# LAION / DFN / MetaCLIP-style towers: exact gelu; other MLP widths.
+@pytest.fixture(scope='module', params=[dict(hidden_act='gelu', mlp_ratio=3),
+                                        dict(hidden_act='gelu_pytorch_tanh', mlp_ratio=2)],
+                ids=['gelu_mlp3x', 'gelu_tanh_mlp2x'])
+def hf_clip_other(request, tmp_path_factory):
+  directory = tmp_path_factory.mktemp('hf_clip_other')
+  return ct.save_random_hf_clip(directory, seed=2, **request.param), directory
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'float32'])
+def test_hf_parity_other_activations_and_mlp_sizes(hf_clip_other, dtype):
+  test_hf_parity(hf_clip_other, dtype)
+
+
 @pytest.mark.parametrize('dtype', ['float64', 'float32'])
 def test_hf_parity(hf_clip, dtype):
   hf, directory = hf_clip
   spec, params = clip_weights.load_clip(directory)
   assert spec.image_size == (32, 32) and spec.vision_heads == 4 and spec.text_heads == 4
+  assert spec.activation == hf.config.vision_config.hidden_act
+  assert spec.vision_mlp_dim == hf.config.vision_config.intermediate_size
+  assert spec.text_mlp_dim == hf.config.text_config.intermediate_size
   rng = np.random.default_rng(1)
   images = rng.normal(size=(2, 3, 32, 32))
   tokens = ct.random_tokens(rng, 3, 16, 100)

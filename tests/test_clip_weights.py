@@ -1,5 +1,6 @@
 """Loading CLIP weights (OpenAI TorchScript / state dict, HF directory) and the tokenizer."""
 
+import dataclasses
 import json
 import warnings
 
@@ -11,7 +12,7 @@ import torch
 
 import clip_testing as ct
 from conftest import shared_path
-from otseg_jax.models import clip_weights
+from otseg_jax.models import clip, clip_weights
 
 
 @pytest.fixture(scope='module')
@@ -120,7 +121,7 @@ def test_vpt_prompt_tensors_are_checked():
   sd = {'conv1.weight': np.zeros((d, 3, 4, 4)), 'class_embedding': np.zeros(d),
         'positional_embedding': np.zeros((5, d)), 'proj': np.zeros((d, 4)),
         **{k: np.zeros(s)
-           for k, s in clip_weights._block_shapes('transformer.resblocks.0.', d).items()},
+           for k, s in clip_weights._block_shapes('transformer.resblocks.0.', d, 4 * d).items()},
         **{f'{n}.{w}': np.ones(d) for n in ('ln_pre', 'ln_post') for w in ('weight', 'bias')},
         'prompt_embeddings': np.zeros((1, 3, d)), 'deep_prompt_embeddings': np.zeros((2, 4, d)),
         'prompt_proj.weight': np.zeros((d, d))}
@@ -167,9 +168,13 @@ def test_hf_checkpoint_problems_in_one_error(checkpoints, tmp_path):
 
 def test_unsupported_hf_architecture_is_refused(tmp_path):
   config = ct.tiny_hf_config().to_dict()
-  config['vision_config']['hidden_act'] = 'gelu'
+  config['vision_config']['hidden_act'] = 'relu'
   (tmp_path / 'config.json').write_text(json.dumps(config))
-  with pytest.raises(clip_weights.CheckpointError, match='quick_gelu'):
+  with pytest.raises(clip_weights.CheckpointError, match="hidden_act is 'relu'.*quick_gelu, gelu"):
+    clip_weights.load_clip(tmp_path)
+  config['vision_config']['hidden_act'] = 'gelu'  # supported, but not beside a quick_gelu text
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(clip_weights.CheckpointError, match='one activation in both towers'):
     clip_weights.load_clip(tmp_path)
 
 
@@ -394,3 +399,20 @@ def test_damaged_sizes_in_json_files_are_one_error(checkpoints, tmp_path):
     meta_path.write_text(json.dumps(dict(meta, clip_spec=spec)))
     with pytest.raises(clip_weights.CheckpointError, match=message):
       clip_weights.load_clip(tmp_path / 'clip', image_size=48)
+
+
+def test_backbone_config_must_name_the_checkpoints_mlp_and_activation():
+  spec = clip.CLIPSpec(embed_dim=16, image_size=(32, 32), patch_size=8, vision_width=32,
+                       vision_layers=2, vision_heads=2, context_length=16, vocab_size=100,
+                       text_width=32, text_layers=2, text_heads=2, vision_mlp_dim=96,
+                       text_mlp_dim=128, activation='gelu')
+  backbone = dict(patch_size=8, width=32, layers=2, heads=2, output_dim=16)
+  with pytest.raises(clip_weights.CheckpointError,
+                     match=r"mlp_dim=128 but the checkpoint has 96; activation='quick_gelu' but "
+                           r"the checkpoint has 'gelu'"):
+    clip_weights.check_backbone_config(spec, backbone, 'ckpt')
+  clip_weights.check_backbone_config(spec, dict(backbone, mlp_dim=96, activation='gelu'), 'ckpt')
+  # 0 means 4 * width on both sides.
+  clip_weights.check_backbone_config(
+      dataclasses.replace(spec, vision_mlp_dim=0, activation='quick_gelu'),
+      dict(backbone, mlp_dim=128), 'ckpt')

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from otseg_jax import image_ops
+from otseg_jax.models import clip
 from otseg_jax.models.clip import CLIPSpec
 
 __all__ = ['CLIPSpec', 'CheckpointError', 'check_backbone_config', 'clip_from_state_dict',
@@ -93,13 +94,19 @@ def _num_blocks(sd: Mapping[str, Any], prefix: str = 'transformer.resblocks.') -
   return max(ids) + 1 if ids else 0
 
 
-def _block_shapes(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
+def _mlp_width(sd: Mapping[str, np.ndarray], prefix: str, d: int) -> int:
+  """The MLP width of the blocks under `prefix` (block 0's c_fc; 4 d when there is none)."""
+  fc = sd.get(prefix + '0.mlp.c_fc.weight')
+  return int(fc.shape[0]) if fc is not None and fc.ndim == 2 else 4 * d
+
+
+def _block_shapes(prefix: str, d: int, mlp: int) -> dict[str, tuple[int, ...]]:
   return {
       prefix + 'attn.in_proj_weight': (3 * d, d), prefix + 'attn.in_proj_bias': (3 * d,),
       prefix + 'attn.out_proj.weight': (d, d), prefix + 'attn.out_proj.bias': (d,),
       prefix + 'ln_1.weight': (d,), prefix + 'ln_1.bias': (d,),
-      prefix + 'mlp.c_fc.weight': (4 * d, d), prefix + 'mlp.c_fc.bias': (4 * d,),
-      prefix + 'mlp.c_proj.weight': (d, 4 * d), prefix + 'mlp.c_proj.bias': (d,),
+      prefix + 'mlp.c_fc.weight': (mlp, d), prefix + 'mlp.c_fc.bias': (mlp,),
+      prefix + 'mlp.c_proj.weight': (d, mlp), prefix + 'mlp.c_proj.bias': (d,),
       prefix + 'ln_2.weight': (d,), prefix + 'ln_2.bias': (d,),
   }
 
@@ -207,8 +214,9 @@ def visual_params_from_state_dict(sd: Mapping[str, Any],
   expected = {'conv1.weight': (d, 3, p, p), 'class_embedding': (d,),
               'positional_embedding': pos_shape, 'ln_pre.weight': (d,),
               'ln_pre.bias': (d,), 'ln_post.weight': (d,), 'ln_post.bias': (d,), 'proj': (d, c)}
+  mlp = _mlp_width(sd, 'transformer.resblocks.', d)
   for i in range(layers):
-    expected.update(_block_shapes(f'transformer.resblocks.{i}.', d))
+    expected.update(_block_shapes(f'transformer.resblocks.{i}.', d, mlp))
   prompts = any('prompt' in k for k in sd)
   if prompts:
     t = sd['prompt_embeddings'].shape[1] if np.ndim(sd.get('prompt_embeddings')) == 3 else 0
@@ -269,8 +277,9 @@ def text_params_from_state_dict(sd: Mapping[str, Any]) -> Params:
   layers = _num_blocks(sd)
   expected = {'token_embedding.weight': (v, d), 'positional_embedding': (l, d),
               'ln_final.weight': (d,), 'ln_final.bias': (d,), 'text_projection': (d, c)}
+  mlp = _mlp_width(sd, 'transformer.resblocks.', d)
   for i in range(layers):
-    expected.update(_block_shapes(f'transformer.resblocks.{i}.', d))
+    expected.update(_block_shapes(f'transformer.resblocks.{i}.', d, mlp))
   _check(sd, expected, f'text weights (width {d}, {layers} blocks)', fix)
   if layers == 0:
     raise CheckpointError(f'text weights: no transformer.resblocks.* tensors.\n  Fix: {fix}')
@@ -299,7 +308,9 @@ def _openai_spec(sd: Mapping[str, np.ndarray], image_size) -> CLIPSpec:
                   vision_heads=int(vw) // 64,
                   context_length=int(sd['positional_embedding'].shape[0]),
                   vocab_size=int(sd['token_embedding.weight'].shape[0]), text_width=int(tw),
-                  text_layers=_num_blocks(sd), text_heads=int(tw) // 64)
+                  text_layers=_num_blocks(sd), text_heads=int(tw) // 64,
+                  vision_mlp_dim=_mlp_width(sd, 'visual.transformer.resblocks.', int(vw)),
+                  text_mlp_dim=_mlp_width(sd, 'transformer.resblocks.', int(tw)))
 
 
 def clip_from_state_dict(sd: Mapping[str, Any], image_size: int | Sequence[int] | None = None,
@@ -328,9 +339,15 @@ def clip_from_state_dict(sd: Mapping[str, Any], image_size: int | Sequence[int] 
 
 
 # The architecture facts a CLIP checkpoint fixes for the image tower: config.model.backbone field
-# -> CLIPSpec field. The MLP width is 4 * width in both (checked against the tensors on load).
+# -> CLIPSpec field.
 _BACKBONE_FIELDS = {'patch_size': 'patch_size', 'width': 'vision_width',
-                    'layers': 'vision_layers', 'heads': 'vision_heads', 'output_dim': 'embed_dim'}
+                    'layers': 'vision_layers', 'heads': 'vision_heads', 'output_dim': 'embed_dim',
+                    'mlp_dim': 'vision_mlp_dim', 'activation': 'activation'}
+
+
+def _backbone_fact(field: str, value, width: int):
+  # An MLP width of 0 means 4 * width, in configs and specs alike.
+  return (value or 4 * width) if field == 'mlp_dim' else value
 
 
 def check_backbone_config(spec: CLIPSpec, backbone: Mapping[str, Any], source) -> None:
@@ -340,8 +357,13 @@ def check_backbone_config(spec: CLIPSpec, backbone: Mapping[str, Any], source) -
   Shapes alone do not catch every disagreement: 4 heads and 2 heads of the same width have the
   same tensors, and loading one into the other silently runs a different image tower.
   """
-  wrong = [f'{field}={backbone[field]} but the checkpoint has {getattr(spec, name)}'
-           for field, name in _BACKBONE_FIELDS.items() if backbone[field] != getattr(spec, name)]
+  defaults = {'mlp_dim': 0, 'activation': 'quick_gelu'}  # configs written before the fields
+  wrong = []
+  for field, name in _BACKBONE_FIELDS.items():
+    ours = _backbone_fact(field, backbone.get(field, defaults.get(field)), backbone['width'])
+    theirs = _backbone_fact(field, getattr(spec, name), spec.vision_width)
+    if ours != theirs:
+      wrong.append(f'{field}={ours!r} but the checkpoint has {theirs!r}')
   if wrong:
     raise CheckpointError(
         f'CLIP weights {source} do not fit config.model.backbone: ' + '; '.join(wrong) +
@@ -367,10 +389,14 @@ def _check_spec(spec: CLIPSpec, towers: Mapping[str, Params], where) -> None:
   for tower, width, heads in (('vision', vw, spec.vision_heads), ('text', tw, spec.text_heads)):
     if heads < 1 or width % heads:
       wrong.append(f'{tower}_heads {heads} does not divide the width {width}')
-  for tower, width in (('visual', vw), ('text', tw)):
+  for tower, width, mlp_dim in (('visual', vw, spec.vision_mlp_dim),
+                                ('text', tw, spec.text_mlp_dim)):
     mlp = {np.shape(b['mlp']['c_fc']['kernel']) for b in towers[tower]['transformer'].values()}
-    if mlp != {(width, 4 * width)}:
-      wrong.append(f'{tower} MLP kernels {sorted(mlp)}, this port runs ({width}, {4 * width})')
+    if mlp != {(width, mlp_dim or 4 * width)}:
+      wrong.append(f'{tower} MLP kernels {sorted(mlp)}, the spec says '
+                   f'({width}, {mlp_dim or 4 * width})')
+  if spec.activation not in clip.ACTIVATIONS:
+    wrong.append(f'activation {spec.activation!r} is not one of {", ".join(clip.ACTIVATIONS)}')
   if wrong:
     raise CheckpointError(f'{where}: the CLIP spec does not match its weights: '
                           + '; '.join(wrong) + '. Re-create it with python -m otseg_jax.convert.')
@@ -404,9 +430,10 @@ def _hf_expected(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
       for name in ('layer_norm1', 'layer_norm2'):
         out[f'{pre}{name}.weight'] = (d,)
         out[f'{pre}{name}.bias'] = (d,)
-      out[f'{pre}mlp.fc1.weight'] = (4 * d, d)
-      out[f'{pre}mlp.fc1.bias'] = (4 * d,)
-      out[f'{pre}mlp.fc2.weight'] = (d, 4 * d)
+      mlp = cfg['intermediate_size']
+      out[f'{pre}mlp.fc1.weight'] = (mlp, d)
+      out[f'{pre}mlp.fc1.bias'] = (mlp,)
+      out[f'{pre}mlp.fc2.weight'] = (d, mlp)
       out[f'{pre}mlp.fc2.bias'] = (d,)
   return out
 
@@ -446,13 +473,15 @@ def _hf_config(config: Mapping[str, Any], where: str) -> dict[str, Any]:
                          f'{where}/config.json')
   problems = []
   for name, cfg in (('vision_config', vc), ('text_config', tc)):
-    if cfg['hidden_act'] != 'quick_gelu':
-      problems.append(f'{name}.hidden_act is {cfg["hidden_act"]!r}, this port has quick_gelu')
-    if cfg['intermediate_size'] != 4 * cfg['hidden_size']:
-      problems.append(f'{name}.intermediate_size {cfg["intermediate_size"]} != 4 * hidden_size')
+    if cfg['hidden_act'] not in clip.ACTIVATIONS:
+      problems.append(f'{name}.hidden_act is {cfg["hidden_act"]!r}, this port has '
+                      f'{", ".join(clip.ACTIVATIONS)}')
     eps = cfg['layer_norm_eps']
     if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
       problems.append(f'{name}.layer_norm_eps is {eps!r}, this port uses 1e-5')
+  if vc['hidden_act'] != tc['hidden_act']:
+    problems.append(f'vision_config.hidden_act {vc["hidden_act"]!r} differs from text_config\'s '
+                    f'{tc["hidden_act"]!r}; this port runs one activation in both towers')
   if vc['num_channels'] != 3:
     problems.append(f'vision_config.num_channels is {vc["num_channels"]}, expected 3')
   if problems:
@@ -474,7 +503,8 @@ def _hf_spec(config: Mapping[str, Any], image_size) -> CLIPSpec:
                   vision_layers=vc['num_hidden_layers'], vision_heads=vc['num_attention_heads'],
                   context_length=tc['max_position_embeddings'], vocab_size=tc['vocab_size'],
                   text_width=tc['hidden_size'], text_layers=tc['num_hidden_layers'],
-                  text_heads=tc['num_attention_heads'])
+                  text_heads=tc['num_attention_heads'], vision_mlp_dim=vc['intermediate_size'],
+                  text_mlp_dim=tc['intermediate_size'], activation=vc['hidden_act'])
 
 
 def _hf_to_openai(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -551,11 +581,21 @@ def _load_converted_dir(directory: pathlib.Path, image_size) -> tuple[CLIPSpec, 
                           '--from openai-clip (or hf-clip).')
   spec = metadata['clip_spec']
   fields = [f.name for f in dataclasses.fields(CLIPSpec)]
-  if not isinstance(spec, dict) or sorted(spec) != sorted(fields):
+  # Fields with defaults (MLP widths, activation) are absent from specs written before them.
+  required = [f.name for f in dataclasses.fields(CLIPSpec) if f.default is dataclasses.MISSING]
+  if not (isinstance(spec, dict) and set(required) <= set(spec) <= set(fields)):
     raise CheckpointError(f'{directory}/metadata.json: clip_spec is not a CLIP spec (fields '
                           f'{", ".join(fields)}): the file is damaged; convert the CLIP again.')
-  _require_positive_ints(spec, [f for f in fields if f != 'image_size'],
+  _require_positive_ints(spec, [f for f in required if f != 'image_size'],
                          f'{directory}/metadata.json clip_spec')
+  mlp = {k: spec.get(k, 0) for k in ('vision_mlp_dim', 'text_mlp_dim')}
+  # pylint: disable-next=unidiomatic-typecheck
+  bad = [f'{k}={v!r}' for k, v in mlp.items() if type(v) is not int or v < 0]
+  if not isinstance(spec.get('activation', 'quick_gelu'), str):
+    bad.append(f'activation={spec["activation"]!r}')
+  if bad:
+    raise CheckpointError(f'{directory}/metadata.json clip_spec: {", ".join(bad)}: the file is '
+                          'damaged; convert the CLIP again.')
   size = spec['image_size']
   if not (isinstance(size, list) and len(size) == 2
           and all(type(n) is int and n > 0 for n in size)):  # pylint: disable=unidiomatic-typecheck

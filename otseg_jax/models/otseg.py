@@ -57,6 +57,8 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
       # 'auto': cuDNN flash attention on GPU in bfloat16, else 'chunked' (clip.ATTENTION).
       attention='auto',
       remat='none',  # 'none' | 'block' | a jax.checkpoint_policies name (clip.REMAT)
+      mlp_dim=0,  # the CLIP's MLP width, 0 = 4 * width (ViT-B/16: 3072); checked against the CLIP
+      activation='quick_gelu',  # the CLIP's MLP activation (clip.ACTIVATIONS); checked likewise
   ))
   config.head = ml_collections.ConfigDict(dict(
       decoder_layers=3,
@@ -131,6 +133,8 @@ def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) ->
       attention_query_chunk=b.attention_query_chunk,
       backbone_attention=resolve_attention(b.get('attention', 'auto'), dtype),
       remat=b.get('remat', 'none'),
+      mlp_dim=b.get('mlp_dim', 0),
+      activation=b.get('activation', 'quick_gelu'),
       decoder_layers=config.head.decoder_layers,
       num_heads=config.head.num_heads,
       attention=config.head.attention,
@@ -461,6 +465,8 @@ class OTSeg(nn.Module):
   attention_query_chunk: int = 0
   backbone_attention: str = 'chunked'
   remat: str = 'none'
+  mlp_dim: int = 0
+  activation: str = 'quick_gelu'
   decoder_layers: int = 3
   num_heads: int = 8
   attention: str = 'mpsa'
@@ -475,7 +481,7 @@ class OTSeg(nn.Module):
         num_prompt_tokens=self.num_prompt_tokens, prompt_depth=self.prompt_depth,
         prompt_dropout=self.prompt_dropout, double_class_embedding=True,
         attention_query_chunk=self.attention_query_chunk, attention=self.backbone_attention,
-        remat=self.remat, dtype=self.dtype)
+        remat=self.remat, mlp_dim=self.mlp_dim, activation=self.activation, dtype=self.dtype)
     self.decode_head = OTSegHead(
         embed_dims=self.output_dim, ot_config=self.ot_config,
         decoder_layers=self.decoder_layers, num_heads=self.num_heads, attention=self.attention,
