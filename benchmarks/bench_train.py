@@ -25,7 +25,10 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from otseg_jax import devices  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import inference  # noqa: E402  pylint: disable=g-import-not-at-top
+from otseg_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top
+from otseg_jax import params as params_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax.models import otseg  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -96,7 +99,7 @@ def main():
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind}; {args.config}: S={s}, '
         f'K={k_train} train / {num_classes} eval classes, N={n}, global batch {batch}')
 
-  mesh = trainer.make_mesh()
+  mesh = devices.make_mesh()
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   model = otseg.model_from_config(config.model)
@@ -104,7 +107,7 @@ def main():
   if config.ft_backbone:
     trainable, frozen = params, {}
   else:
-    trainable, frozen = otseg.split_params(params)
+    trainable, frozen = params_lib.split_params(params, config.model.trainable)
   tx, _ = trainer.make_optimizer(config, trainable, config.num_train_steps)
   state = trainer.TrainState(step=np.int32(0), params=trainable, frozen=frozen,
                              opt_state=jax.tree.map(np.asarray, tx.init(trainable)),
@@ -114,8 +117,9 @@ def main():
   labels = jax.device_put(rng.integers(0, k_train, (batch, s, s)).astype(np.int32), data)
   index = jax.device_put(np.arange(batch, dtype=np.int32), data)
   text_train = jax.device_put(text[:k_train], replicated)
-  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx,
-                                   loss_config=config.loss.to_dict()),
+  loss_kwargs = {k: v for k, v in config.loss.to_dict().items() if k != 'name'}
+  loss_fn = functools.partial(getattr(losses, config.loss.name), **loss_kwargs)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, loss_fn=loss_fn),
                  in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
   batch_arrays = {'image': images, 'label': labels, 'index': index}
@@ -141,11 +145,11 @@ def main():
   windows = args.eval_windows_per_device * n_dev
   crops = jax.device_put(rng.normal(size=(windows, s, s, 3)).astype(np.float32), data)
   seen = jax.device_put(np.arange(num_classes) < k_train, replicated)
-  full_params = jax.device_put(otseg.merge_params(trainable, frozen), replicated)
+  full_params = jax.device_put(params_lib.merge_params(trainable, frozen), replicated)
   text_all = jax.device_put(text, replicated)
-  encode = jax.jit(lambda p, x: inference.encode_decode(
-      model, p, x, text_all, seen, ensemble_weight=config.model.ensemble_weight,
-      calibration=config.model.calibration), out_shardings=data)
+  probabilities = functools.partial(otseg.eval_probabilities, config=config.model)
+  encode = jax.jit(lambda p, x: inference.encode_decode(model, p, x, text_all, seen, probabilities),
+                   out_shardings=data)
   compiled = encode.lower(full_params, crops).compile()
   flops = (compiled.cost_analysis() or {}).get('flops')
   seconds = timed(lambda: compiled(full_params, crops), args.steps, args.warmup)

@@ -95,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from otseg_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from otseg_jax import reports  # pylint: disable=g-import-not-at-top
   from otseg_jax import text_embeddings  # pylint: disable=g-import-not-at-top
+  from otseg_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from otseg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import clip_weights  # pylint: disable=g-import-not-at-top
 
@@ -110,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     text_embeddings.check_prompts(names, templates)
     params = params_lib.load_params_any(checkpoint)
     spec, clip_params = clip_weights.load_clip(clip_src)
-    tokenizer_src = clip_weights.tokenizer_source(clip_src, args.tokenizer)
-    tokenizer = clip_weights.load_tokenizer(tokenizer_src)
+    tokenizer_src = tokenizer_lib.tokenizer_source(clip_src, args.tokenizer)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_src)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
   # The class text input the method asks for, for the given names.

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from otseg_jax import classes as classes_lib
+from otseg_jax import tokenizer as tokenizer_lib
 from otseg_jax.data import loading
 from otseg_jax.data import synthetic
 from otseg_jax.models import clip_weights
@@ -45,7 +46,7 @@ def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
 
   Args:
     spec, params: from `clip_weights.load_clip` (only `params['text']` is read).
-    tokenizer: from `clip_weights.load_tokenizer`.
+    tokenizer: from `tokenizer.load_tokenizer`.
     class_names: K names; templates: N strings with '{}'.
     batch_size: prompts per text-tower call (the last batch is padded, so one compilation).
     progress: show a progress bar.
@@ -56,7 +57,7 @@ def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
   check_prompts(class_names, templates)
   texts = [t.format(name) for name in class_names for t in templates]
   # Only up to the longest EOT: the causal tower's features do not depend on the padding.
-  tokens = truncate_tokens(clip_weights.tokenize(tokenizer, texts, spec.context_length))
+  tokens = truncate_tokens(tokenizer_lib.tokenize(tokenizer, texts, spec.context_length))
   model = spec.text_tower()
   encode = jax.jit(lambda p, ids: model.apply({'params': p}, ids))
   batch = min(batch_size, len(tokens))
@@ -93,8 +94,7 @@ def load_text_embeddings(config: ml_collections.ConfigDict, class_names: Sequenc
     text = np.load(path).astype(np.float32)
   elif config.clip:
     spec, clip_params = clip or clip_weights.load_clip(config.clip)
-    tokenizer = clip_weights.load_tokenizer(
-        clip_weights.tokenizer_source(config.clip, config.get('tokenizer')))
+    tokenizer = _tokenizer_of(config)
     text = np.asarray(compute_text_embeddings(
         spec, clip_params, tokenizer, list(class_names),
         read_templates(config.templates)), np.float32)
@@ -139,8 +139,7 @@ def load_text_input(config: ml_collections.ConfigDict, class_names: Sequence[str
     if not config.clip:
       raise ValueError('config.model.text=tokens needs config.clip: the tokenizer and the text '
                        'tower the prompts go through.')
-    tokenizer = clip_weights.load_tokenizer(
-        clip_weights.tokenizer_source(config.clip, config.get('tokenizer')))
+    tokenizer = _tokenizer_of(config)
     spec = clip[0] if clip else clip_weights.load_clip(config.clip)[0]
     tokens = class_tokens(tokenizer, class_names, config.model.text_template,
                           spec.context_length)
@@ -157,14 +156,19 @@ def class_tokens(tokenizer, class_names: Sequence[str], template: str,
   nothing: running L tokens instead of the full context gives the same features.
   """
   check_prompts(class_names, [template])
-  tokens = clip_weights.tokenize(tokenizer, [template.format(n) for n in class_names],
-                                 context_length)
+  tokens = tokenizer_lib.tokenize(tokenizer, [template.format(n) for n in class_names],
+                                  context_length)
   return truncate_tokens(tokens)
 
 
 def truncate_tokens(tokens: np.ndarray) -> np.ndarray:
   """(B, 77) ids -> (B, L), L = 1 + the largest EOT position (EOT is each row's largest id)."""
   return tokens[:, :int(tokens.argmax(-1).max()) + 1]
+
+
+def _tokenizer_of(config: ml_collections.ConfigDict) -> Any:
+  return tokenizer_lib.load_tokenizer(
+      tokenizer_lib.tokenizer_source(config.clip, config.get('tokenizer')))
 
 
 def read_templates(arg: str) -> tuple[str, ...]:
@@ -213,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
                  'file.')
   p.add_argument('--tokenizer', default=None,
                  help='tokenizer directory or hub id (default: the --clip directory if it has '
-                 f'tokenizer files, else {clip_weights.DEFAULT_TOKENIZER}).')
+                 f'tokenizer files, else {tokenizer_lib.DEFAULT_TOKENIZER}).')
   which = p.add_mutually_exclusive_group(required=True)
   which.add_argument('--dataset', choices=classes_lib.dataset_names())
   which.add_argument('--classes', help='comma-separated class names, e.g. "cat,dog,tree".')
@@ -247,10 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not args.out.endswith('.npy'):
     parser.error(f'--out {args.out!r} must end in .npy.')
 
-  tokenizer_src = clip_weights.tokenizer_source(args.clip, args.tokenizer)
+  tokenizer_src = tokenizer_lib.tokenizer_source(args.clip, args.tokenizer)
   try:
     spec, params = clip_weights.load_clip(args.clip)
-    tokenizer = clip_weights.load_tokenizer(tokenizer_src)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_src)
   except (FileNotFoundError, clip_weights.CheckpointError) as e:
     parser.error(str(e))
   print(f'{len(names)} classes x {len(templates)} templates, CLIP {args.clip}, '

@@ -17,6 +17,7 @@ from configs import tiny
 from conftest import shared_path
 from otseg_jax import params as params_lib
 from otseg_jax import text_embeddings
+from otseg_jax import tokenizer as tokenizer_lib
 from otseg_jax import trainer
 from otseg_jax.models import clip_weights
 
@@ -72,9 +73,9 @@ def tiny_clip(tmp_path_factory):
 
 def test_text_tower_up_to_the_longest_eot_gives_the_full_features(tiny_clip):
   spec, towers = clip_weights.load_clip(tiny_clip)
-  tokenizer = clip_weights.load_tokenizer(tiny_clip)
+  tokenizer = tokenizer_lib.load_tokenizer(tiny_clip)
   names = ['cat', 'a very long class name with many words', 'dog']
-  full = clip_weights.tokenize(tokenizer, [f'X X X X {n}.' for n in names], 77)
+  full = tokenizer_lib.tokenize(tokenizer, [f'X X X X {n}.' for n in names], 77)
   cut = text_embeddings.class_tokens(tokenizer, names, 'X X X X {}.', 77)
   assert cut.shape == (3, int(full.argmax(-1).max()) + 1) and cut.shape[1] < 20
   np.testing.assert_array_equal(cut, full[:, :cut.shape[1]])

@@ -131,6 +131,7 @@ def test_training_starts_from_converted_clip_and_computes_text_embeddings(tmp_pa
   from flax import traverse_util
   from otseg_jax import checkpoint, text_embeddings
   from otseg_jax.data import loading, synthetic
+  from otseg_jax import tokenizer as tokenizer_lib
   from otseg_jax.models import clip_weights
   from configs import tiny
 
@@ -155,7 +156,7 @@ def test_training_starts_from_converted_clip_and_computes_text_embeddings(tmp_pa
   text = text_embeddings.load_text_embeddings(config, names)
   spec, towers = clip_weights.load_clip(hf_dir)
   expected = text_embeddings.compute_text_embeddings(
-      spec, towers, clip_weights.load_tokenizer(hf_dir), list(names),
+      spec, towers, tokenizer_lib.load_tokenizer(hf_dir), list(names),
       text_embeddings.read_templates(str(templates)))
   assert text.shape == (12, 4, 32)
   np.testing.assert_allclose(text, expected, rtol=1e-5, atol=1e-6)
