@@ -292,7 +292,7 @@ def init_params(config: ml_collections.ConfigDict, model: Any, text_input: Any, 
   if config.clip:
     _, towers = clip or clip_weights.load_clip(config.clip, image_size=config.model.image_size)
     params = params_lib.merge_loaded(
-        params, {subtree: towers[tower] for subtree, tower in config.model.clip_towers},
+        params, {subtree: towers[tower] for subtree, tower in config.model.clip_towers.items()},
         dont_load=config.model.dont_load, source=f'CLIP weights {config.clip}')
   return params
 
@@ -536,10 +536,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           f'Non-finite {" and ".join(bad)} at step {at_step} ({values}); stopped without saving '
           f'this state: {where}. Lower the learning rate or check the data, then rerun to resume.')
 
-  def run_eval(outdir, max_images):
-    params = params_lib.merge_params(*par.host((state.params, state.frozen)))
+  def host_params():
+    return params_lib.merge_params(*par.host((state.params, state.frozen)))
+
+  def run_eval(params, outdir, max_images):
     return evaluate_lib.evaluate(config, model, params, text_all, seen, eval_split,
-                                 outdir=outdir, max_images=max_images), params
+                                 outdir=outdir, max_images=max_images)
 
   # The loop.
   writer = MetricWriter(workdir, config.tensorboard and is_main,
@@ -594,20 +596,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                         'command to resume.', step, ckpt_dir)
         return {'preempted': True, 'step': step}
       if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and not is_last:
-        periodic, _ = run_eval(None, config.eval.max_images)
+        periodic = run_eval(host_params(), None, config.eval.max_images)
         writer.write(step, {f'eval/{k}': periodic[k]
                             for k in ('mIoU', 'seen_mIoU', 'unseen_mIoU', 'hIoU')})
         logging.info('eval at step %d: %s', step, metrics.format_summary(periodic))
     mngr.wait_until_finished()
 
-    final_params = params_lib.merge_params(*par.host((state.params, state.frozen)))
+    final_params = host_params()
     if jax.process_count() == 1:
       checkpoint_lib.save_params(workdir / 'params', final_params, dict(
           step=step, dataset=dataset.name, setting=config.setting,
           class_names=list(dataset.classes), unseen=list(dataset.unseen),
           config=json.loads(config.to_json_best_effort())), overwrite=True)
     if config.eval_every_steps >= 0:
-      results, _ = run_eval(workdir / 'eval', 0)
+      results = run_eval(final_params, workdir / 'eval', 0)
       writer.write(step, {f'eval/{k}': results[k] for k in ('mIoU', 'seen_mIoU', 'unseen_mIoU',
                                                             'hIoU')})
       logging.info('Final evaluation (%s): %s. Reports in %s', eval_split.split,

@@ -62,7 +62,7 @@ def test_ablation_trains_with_the_real_trainer(tmp_path, overrides):
 
 @pytest.fixture(scope='module')
 def tiny_clip(tmp_path_factory):
-  """A random HF CLIP with the tiny towers of tests/linear_probe_method.py and the real tokenizer."""
+  """A random HF CLIP with the tiny towers of tests/linear_probe_method.py, the real tokenizer."""
   clip_dir = tmp_path_factory.mktemp('clip') / 'hf'
   ct.save_random_hf_clip(clip_dir, seed=7, vision_width=32, vision_layers=2, vision_heads=2,
                          patch_size=8, image_size=32, text_width=32, text_layers=1, text_heads=2,

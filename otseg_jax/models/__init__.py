@@ -8,7 +8,7 @@ A method module (`otseg` today) offers the same few things, with no base class:
     .text                                 the class text it asks for: 'embeddings' (a fixed
                                           (K, N, C) array) or 'tokens' (tokenized class names,
                                           for a prompt learner inside the model)
-    .clip_towers, .dont_load              which subtrees start from which CLIP tower
+    .clip_towers, .dont_load              {subtree: CLIP tower} the parameters start from
   model_from_config(config)               the linen model, whose
     encode_text(text_input, *, train)     gives the class text the forward reads, and
     __call__(images, text, *, train)      returns (maps, aux): the logit maps the loss and the

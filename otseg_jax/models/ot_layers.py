@@ -1,4 +1,4 @@
-"""The optimal-transport layers of OTSeg, shared by every method built on them (ZegOT, MVP-SEG, ...).
+"""The optimal-transport layers of OTSeg, shared by the methods built on them (ZegOT, MVP-SEG, ...).
 
 Pure functions (the transport map between pixels and prompts, the combination of the decoder's
 layer maps, the relationship descriptor's input) and small linen layers (Sinkhorn attention, its
@@ -69,7 +69,8 @@ def combine_layer_maps(maps: Sequence[jax.Array]) -> jax.Array:
 
 
 def relationship_features(global_: jax.Array, text: jax.Array) -> jax.Array:
-  """The relationship descriptor's input, concat(global * t, t): (B, C), (B, K, N, C) -> (B, K, N, 2C).
+  """The relationship descriptor's input: global (B, C), text t (B, K, N, C) -> concat(global * t,
+  t) (B, K, N, 2C).
 
   A dense layer (OTSeg's `q_proj`) maps it to the (B, K, N, C) queries of the decoder.
   """
@@ -137,7 +138,8 @@ class SoftmaxCrossAttention(nn.Module):
   @nn.compact
   def __call__(self, queries: jax.Array, pixels: jax.Array, *,
                train: bool) -> tuple[jax.Array | None, jax.Array, dict[str, jax.Array]]:
-    """queries (B, K, N, C), pixels (B, M, C) -> (output (B, K, N, C) or None, map (B, M, K), {})."""
+    """queries (B, K, N, C), pixels (B, M, C) -> (output (B, K, N, C) or None, map (B, M, K),
+    {})."""
     b, k_, n, c = queries.shape
     if c % self.num_heads:
       raise ValueError(f'embed_dims {c} is not divisible by num_heads {self.num_heads}.')

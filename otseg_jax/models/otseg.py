@@ -52,9 +52,9 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
   config.trainable = r'(^|/)decode_head/|prompt'
   # The class text is an input: the (K, N, C) embeddings ('embeddings'), not learned.
   config.text = 'embeddings'
-  # CLIP towers the parameters start from ((subtree, CLIP tower) pairs) and the paths CLIP does
-  # not provide (the new prompts).
-  config.clip_towers = (('backbone', 'visual'),)
+  # CLIP towers the parameters start from ({subtree: CLIP tower}) and the paths CLIP does not
+  # provide (the new prompts).
+  config.clip_towers = {'backbone': 'visual'}
   config.dont_load = 'prompt'
   # Crop size S: the backbone's positional grid is resized to S/patch at load time.
   config.image_size = 512
