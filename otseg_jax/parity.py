@@ -3,6 +3,7 @@
   python -m otseg_jax.parity ../shared/reference/otseg_small.npz                  # f32, as-is dump
   python -m otseg_jax.parity ../shared/reference/otseg_small.npz --x64 --converged
   python -m otseg_jax.parity otseg_holdout.npz --x64 --ot-implementation reference
+  python -m otseg_jax.parity transforms ../shared/reference/transforms_cases.npz  # data pipeline
 
 The dump's `config/json` describes the model; its weights go through the same converter as the
 authors' checkpoints (`convert.params_from_state_dict`), its gradients too (a state dict whose
@@ -35,6 +36,7 @@ from otseg_jax import inference
 from otseg_jax import losses as losses_lib
 from otseg_jax import models
 from otseg_jax import params as params_lib
+from otseg_jax.data import replay
 from otseg_jax.models import ot_layers
 
 
@@ -287,6 +289,10 @@ def _trainable_names(dump: dict[str, np.ndarray]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv[:1] == ['transforms']:
+    # The data pipeline's golden cases: their own check and arguments (otseg_jax.data.replay).
+    return replay.main(argv[1:])
   parser = argparse.ArgumentParser(
       prog='python -m otseg_jax.parity', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)

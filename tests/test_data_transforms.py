@@ -1,4 +1,6 @@
-"""Training augmentation and evaluation resizing (numpy / PIL), step by step."""
+"""Training augmentation and evaluation resizing (numpy / OpenCV), step by step.
+
+Bit-for-bit agreement with mmseg is tested on its golden cases in test_data_replay.py."""
 
 import colorsys
 
@@ -35,12 +37,23 @@ def test_resize_label_uses_cv2_nearest_rule():
   np.testing.assert_array_equal(T.resize_label(row, (1, 4)), [[0, 2, 5, 7]])  # floor(x * 2.5)
 
 
-def test_resize_image_crop_equals_crop_of_full_resize():
-  image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
-  for size in ((74, 106), (20, 29)):
-    full = T.resize_image(image, size).astype(int)
-    part = T.resize_image(image, size, crop=(5, 7, 13, 17)).astype(int)
-    assert np.abs(part - full[5:18, 7:24]).max() <= 1
+def test_resize_image_is_bilinear_without_antialiasing():
+  # Columns 0, 255, 0, ... shrunk 9 -> 3: cv2 INTER_LINEAR samples the source at x = 3i + 1
+  # (half-pixel centres), i.e. single columns; an antialiasing filter (PIL) would average them.
+  stripes = np.tile(np.array([0, 255], np.uint8), 5)[:9]
+  image = np.repeat(stripes[None, :, None], 4, 0).repeat(3, 2)
+  np.testing.assert_array_equal(T.resize_image(image, (4, 3))[0, :, 0], [255, 0, 255])
+  # Upscaling 2x puts output pixel 1 at source x = 0.25: 0.75 * 0 + 0.25 * 255 = 63.75 -> 64.
+  ramp = np.array([[0, 255]], np.uint8)[..., None].repeat(3, 2)
+  np.testing.assert_array_equal(T.resize_image(ramp, (1, 4))[0, :, 0], [0, 64, 191, 255])
+  assert T.resize_image(image, (4, 9)) is image
+
+
+def test_resize_rejects_bad_input():
+  with pytest.raises(ValueError, match='uint8'):
+    T.resize_image(np.zeros((4, 4, 3), np.float32), (8, 8))
+  with pytest.raises(ValueError, match='label map'):
+    T.resize_label(np.zeros((4, 4, 1), np.uint8), (8, 8))
 
 
 def test_crop_is_balanced_ignores_255():

@@ -1,4 +1,4 @@
-"""Training augmentation and evaluation resizing, in numpy and PIL, one record at a time.
+"""Training augmentation and evaluation resizing, in numpy and OpenCV, one record at a time.
 
 The reference trains with mmseg 0.x's pipeline
   Resize(img_scale, ratio_range=(0.5, 2)) -> RandomCrop(S, cat_max_ratio=0.75) -> RandomFlip(0.5)
@@ -8,18 +8,23 @@ do the same, step by step, each taking an explicit `np.random.Generator` so a re
 is a pure function of (record, seed). Images are RGB uint8 (H, W, 3) until `normalize`; labels are
 uint8 (H, W) with 255 = ignore.
 
-Differences from mmseg that we accept (no parity reference exists for augmentation):
-- The image is resized with PIL's bilinear filter. Upscaling (the common case: VOC/COCO images are
-  about 500x375 and the short side goes to 256..1024) matches cv2's INTER_LINEAR up to uint8
-  rounding; downscaling is antialiased where cv2 is not.
-- Random numbers come from numpy's Generator API, not the global legacy RNG, so the draws differ;
-  the distributions and the order of the draws are mmseg's.
+Resizing and the HSV conversions call OpenCV as mmcv 1.x does (cv2.resize INTER_LINEAR for images,
+INTER_NEAREST for labels; cv2.cvtColor on uint8), so every step gives mmseg 0.24.1's arrays bit
+for bit: `python -m otseg_jax.parity transforms ../shared/reference/transforms_cases.npz` replays
+its golden cases (`otseg_jax.data.replay`). mmseg works on BGR images and we on RGB; every step
+here treats the three channels alike (OpenCV's RGB and BGR conversions are the same code with the
+channel indices swapped), so the order does not change a value.
+
+The one difference from mmseg that we accept: random numbers come from numpy's Generator API, one
+generator per record, not the global legacy RNG, so the draws differ; the distributions and the
+order of the draws are mmseg's (the golden replay feeds mmseg's recorded draws through the same
+calls).
 """
 
 import dataclasses
 
+import cv2
 import numpy as np
-from PIL import Image
 
 from otseg_jax import classes
 
@@ -76,39 +81,32 @@ def eval_size(h: int, w: int, img_scale: tuple[int, int] | None, min_size: int |
 # Geometric steps
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int],
-                 crop: tuple[int, int, int, int] | None = None) -> np.ndarray:
-  """Bilinear resize of an RGB uint8 image (H, W, 3) to size (h, w); see the module note.
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """mmcv `imresize(image, (w, h))`: cv2.resize INTER_LINEAR of a uint8 image (H, W, C) to (h, w).
 
-  With crop = (y0, x0, ch, cw) only that window of the resized image is computed, (ch, cw, 3):
-  the same pixels as `resize_image(image, size)[y0:y0+ch, x0:x0+cw]` (PIL evaluates the filter
-  over the matching source box at the same scale), at a fraction of the cost when the training
-  rescale makes the image much larger than the crop.
+  No antialiasing when shrinking, OpenCV's fixed-point rounding; (H, W) == size returns `image`.
   """
-  h, w = image.shape[:2]
-  if crop is None:
-    crop = (0, 0, size[0], size[1])
-  y0, x0, ch, cw = crop
-  if (h, w) == tuple(size):
-    return image[y0:y0 + ch, x0:x0 + cw]
-  sy, sx = h / size[0], w / size[1]
-  box = (x0 * sx, y0 * sy, (x0 + cw) * sx, (y0 + ch) * sy)
-  out = Image.fromarray(image).resize((cw, ch), Image.BILINEAR, box=box)
-  return np.asarray(out)
+  if image.ndim != 3 or image.dtype != np.uint8:
+    raise ValueError(f'resize_image takes a uint8 (H, W, C) image, got {image.dtype} '
+                     f'{image.shape}.')
+  if image.shape[:2] == tuple(size):
+    return image
+  return cv2.resize(np.ascontiguousarray(image), (size[1], size[0]),
+                    interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Nearest-neighbour resize of a label map (H, W) to (h, w) with cv2 INTER_NEAREST's rule.
+  """mmcv `imresize(label, (w, h), interpolation='nearest')`: cv2 INTER_NEAREST of (H, W) to (h, w).
 
-  Output pixel x takes source pixel floor(x * W / w) (no half-pixel shift), which is what mmseg's
-  `imrescale(..., interpolation='nearest')` does through cv2.
+  Output pixel x takes source pixel floor(x * (1 / (w / W))) (no half-pixel shift); OpenCV's own
+  call, because that reciprocal rounds differently from W / w in about 1e-4 of the pixels.
   """
-  h, w = label.shape
-  if (h, w) == tuple(size):
+  if label.ndim != 2:
+    raise ValueError(f'resize_label takes an (H, W) label map, got shape {label.shape}.')
+  if label.shape == tuple(size):
     return label
-  rows = np.minimum((np.arange(size[0]) * (h / size[0])).astype(np.int64), h - 1)
-  cols = np.minimum((np.arange(size[1]) * (w / size[1])).astype(np.int64), w - 1)
-  return np.take(np.take(label, rows, axis=0), cols, axis=1)
+  return cv2.resize(np.ascontiguousarray(label), (size[1], size[0]),
+                    interpolation=cv2.INTER_NEAREST)
 
 
 def random_scale_size(h: int, w: int, rng: np.random.Generator, img_scale: tuple[int, int],
@@ -165,13 +163,13 @@ def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, 
 def pad_to(image: np.ndarray, label: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
   """mmseg Pad(size, pad_val=0, seg_pad_val=255): pad bottom and right.
 
-  image (h, w, 3) float32 (already normalised, so padding is 0 after normalisation, as in mmseg),
-  label (h, w) -> (size, size, 3), (size, size).
+  image (h, w, 3) of any dtype (in training already normalised, so the padding is 0 after
+  normalisation, as in mmseg), label (h, w) -> (size, size, 3) of image's dtype, (size, size).
   """
   h, w = label.shape
   if h > size or w > size:
     raise ValueError(f'cannot pad a {h}x{w} record to {size}x{size}: it is larger than the crop.')
-  out_image = np.zeros((size, size, 3), np.float32)
+  out_image = np.zeros((size, size, 3), image.dtype)
   out_image[:h, :w] = image
   out_label = np.full((size, size), IGNORE, np.uint8)
   out_label[:h, :w] = label
@@ -187,57 +185,20 @@ def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray
   return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
-# OpenCV's 8-bit RGB -> HSV is fixed point with these reciprocal tables (hsv_shift = 12).
-_SHIFT = 12
-_SDIV = np.array([0] + [round((255 << _SHIFT) / i) for i in range(1, 256)], np.int32)
-_HDIV = np.array([0] + [round((180 << _SHIFT) / (6 * i)) for i in range(1, 256)], np.int32)
-
-
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-  """RGB uint8 (H, W, 3) -> HSV uint8 (H, W, 3) as cv2.COLOR_RGB2HSV: H in [0, 180), S, V 0..255.
+  """RGB uint8 (H, W, 3) -> HSV uint8 (H, W, 3), cv2.COLOR_RGB2HSV: H in [0, 180), S, V 0..255.
 
-  cv2's integer algorithm: S = round(diff * 255 / V), H = round(num * 30 / diff) with num taken
-  from the channel that is the max (R first, then G, then B), plus 180 when negative.
+  mmcv's `bgr2hsv` is cv2.cvtColor(BGR2HSV) on mmseg's uint8 BGR image: the same values. We call
+  OpenCV for both directions: the way back is not the textbook float formula (a closed-form numpy
+  version was off by one in 74 % of the 180 x 256 x 256 HSV triples), and OpenCV is about 10x
+  faster than numpy here.
   """
-  # Contiguous channel planes: numpy is several times faster on them than on strided views.
-  r, g, b = np.ascontiguousarray(np.moveaxis(rgb, -1, 0), dtype=np.int32)
-  v = np.maximum(np.maximum(r, g), b)
-  diff = v - np.minimum(np.minimum(r, g), b)
-  s = (diff * np.take(_SDIV, v) + (1 << (_SHIFT - 1))) >> _SHIFT
-  vr = -(v == r).astype(np.int32)  # all ones where V == R
-  vg = -(v == g).astype(np.int32)
-  h = (vr & (g - b)) + (~vr & ((vg & (b - r + 2 * diff)) + (~vg & (r - g + 4 * diff))))
-  h = (h * np.take(_HDIV, diff) + (1 << (_SHIFT - 1))) >> _SHIFT
-  h += (h < 0) * 180
-  out = np.empty(rgb.shape, np.uint8)
-  out[..., 0], out[..., 1], out[..., 2] = h, s, v
-  return out
-
-
-def _hsv_factors() -> np.ndarray:
-  """(256 * 256, 3) float32: row 256 H + S holds (1 - S w_c(H) / 255) for c = R, G, B, where
-  w_c = clip(min(k, 4 - k), 0, 1), k = (n_c + 6H/180) mod 6, n = 5, 3, 1.
-
-  Channel c of HSV -> RGB is V times this factor: the closed form of cv2's six-sector formula
-  (sector 0: R = V, G = V(1 - S(1 - f)), B = V(1 - S), ...). Tabulated over the uint8 (H, S)
-  pairs, the conversion is one gather and one multiply.
-  """
-  hue = np.arange(256)[:, None]
-  k = np.mod(np.array([5.0, 3.0, 1.0])[None, :] + hue * (6.0 / 180.0), 6.0)
-  w = np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)  # (256, 3)
-  sat = np.arange(256)[None, :, None] / 255.0
-  return (1.0 - sat * w[:, None, :]).reshape(256 * 256, 3).astype(np.float32)
-
-
-_HSV_FACTORS = _hsv_factors()
+  return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)
 
 
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-  """HSV uint8 (H, W, 3) in cv2's 8-bit convention -> RGB uint8 (H, W, 3) as cv2.COLOR_HSV2RGB."""
-  index = hsv[..., 0].astype(np.int32) * 256 + hsv[..., 1]
-  rgb = np.take(_HSV_FACTORS, index, axis=0)
-  rgb *= hsv[..., 2:3]
-  return np.rint(rgb, out=rgb).astype(np.uint8)
+  """HSV uint8 (H, W, 3) in cv2's 8-bit convention -> RGB uint8 (H, W, 3), cv2.COLOR_HSV2RGB."""
+  return cv2.cvtColor(np.ascontiguousarray(hsv), cv2.COLOR_HSV2RGB)
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
@@ -269,9 +230,23 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
   return image
 
 
-# normalize's per-channel table: (value - MEAN) / STD for every uint8 value, (3, 256) float32.
-_NORMALIZE = ((np.arange(256, dtype=np.float32)[None, :] - np.asarray(MEAN, np.float32)[:, None])
-              * (1.0 / np.asarray(STD, np.float32))[:, None]).astype(np.float32)
+def _normalize_table() -> np.ndarray:
+  """(3, 256) float32: channel c of value v normalised exactly as mmcv's `imnormalize_`.
+
+  mmcv keeps mean and std as float32, subtracts the mean with cv2.subtract (a float64 scalar, so the
+  difference is rounded to float32 once) and multiplies by 1 / std computed in float64; running
+  those calls on the 256 values gives its numbers bit for bit (plain float32 arithmetic is off by
+  one ulp in about a fifth of them).
+  """
+  mean = np.float64(np.asarray(MEAN, np.float32).reshape(1, -1))
+  stdinv = 1 / np.float64(np.asarray(STD, np.float32).reshape(1, -1))
+  values = np.repeat(np.arange(256, dtype=np.float32)[None, :, None], 3, axis=2)  # (1, 256, 3)
+  cv2.subtract(values, mean, values)
+  cv2.multiply(values, stdinv, values)
+  return np.ascontiguousarray(values[0].T)
+
+
+_NORMALIZE = _normalize_table()
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -286,6 +261,26 @@ def normalize(image: np.ndarray) -> np.ndarray:
 # Whole recipes
 
 
+def augment_record(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                   crop_size: int, augment: TrainAugment) -> tuple[np.ndarray, np.ndarray]:
+  """mmseg's training steps up to Normalize: RGB uint8 (H, W, 3), uint8 (H, W) -> RGB uint8
+  (h, w, 3), uint8 (h, w) with h, w <= S (a record smaller than the crop stays smaller).
+
+  Draws from `rng` in mmseg's order: the rescale ratio, the crop offsets (one pair per try), the
+  flip, then the photometric steps.
+  """
+  size = random_scale_size(label.shape[0], label.shape[1], rng, augment.img_scale,
+                           augment.ratio_range)
+  label = resize_label(label, size)  # whole map: the crop test needs it
+  y0, x0 = random_crop_offset(label, rng, crop_size, augment.cat_max_ratio)
+  label = label[y0:y0 + crop_size, x0:x0 + crop_size]
+  image = resize_image(image, size)[y0:y0 + crop_size, x0:x0 + crop_size]
+  image, label = random_flip(image, label, rng, augment.flip_prob)
+  if augment.photometric:
+    image = photometric_distortion(image, rng)
+  return image, label
+
+
 def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
                     crop_size: int, augment: TrainAugment | None
                     ) -> tuple[np.ndarray, np.ndarray]:
@@ -295,15 +290,7 @@ def train_transform(image: np.ndarray, label: np.ndarray, rng: np.random.Generat
   dataset uses this because a flip or a hue shift would change its classes.
   """
   if augment is not None:
-    size = random_scale_size(label.shape[0], label.shape[1], rng, augment.img_scale,
-                             augment.ratio_range)
-    label = resize_label(label, size)  # whole map: the crop test needs it
-    y0, x0 = random_crop_offset(label, rng, crop_size, augment.cat_max_ratio)
-    label = label[y0:y0 + crop_size, x0:x0 + crop_size]
-    image = resize_image(image, size, crop=(y0, x0, label.shape[0], label.shape[1]))
-    image, label = random_flip(image, label, rng, augment.flip_prob)
-    if augment.photometric:
-      image = photometric_distortion(image, rng)
+    image, label = augment_record(image, label, rng, crop_size, augment)
   return pad_to(normalize(image), label, crop_size)
 
 

@@ -11,6 +11,16 @@ prompts it is the OTSeg authors' `VPTCLIPVisionTransformer` (spec section 2;
 
 Precision: matmuls run in `dtype`; LayerNorm and softmax in `promote_types(dtype, float32)`, so in
 float32 for bfloat16 towers and in float64 when `dtype` is float64.
+
+Attention implementations (`ATTENTION`), all the same function: 'dense' (softmax(q k^T) v as
+written), 'chunked' (`chunked_attention`: blocks of queries, recomputed backward; the fastest on
+CPU), 'xla' and 'cudnn' (`jax.nn.dot_product_attention`; 'cudnn' is cuDNN's fused flash attention,
+GPU only, bfloat16 / float16 only). Masked attention (the text tower) always runs 'dense'.
+
+Rematerialisation (`REMAT`): 'none' keeps every block's activations for the backward pass;
+'block' keeps only each block's input and recomputes the block; any other name is a policy of
+`jax.checkpoint_policies` (e.g. 'dots_with_no_batch_dims_saveable': keep the matmul outputs,
+recompute the rest).
 """
 
 import dataclasses
@@ -26,6 +36,28 @@ import jax.numpy as jnp
 from otseg_jax import image_ops
 
 Dtype = Any
+
+ATTENTION = ('dense', 'chunked', 'xla', 'cudnn')
+
+
+def check_attention(attention: str, dtype: Dtype) -> None:
+  """Raises ValueError for an unknown implementation or one that cannot run in `dtype`."""
+  if attention not in ATTENTION:
+    raise ValueError(f'attention={attention!r}: use one of {", ".join(ATTENTION)}.')
+  if attention == 'cudnn' and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention='cudnn' (cuDNN flash attention) runs in bfloat16 or float16, not "
+                     f"{jnp.dtype(dtype).name}: set the model dtype to 'bfloat16' or use 'xla'.")
+
+
+def remat_policy(remat: str) -> Any:
+  """The `jax.checkpoint` policy of a `REMAT` name; None for 'block' (save nothing)."""
+  if remat == 'block':
+    return None
+  policy = getattr(jax.checkpoint_policies, remat, None)
+  if remat == 'none' or policy is None or not callable(policy):
+    raise ValueError(f"remat={remat!r}: use 'none', 'block' or a jax.checkpoint_policies name "
+                     "such as 'dots_with_no_batch_dims_saveable'.")
+  return policy
 
 
 def _norm_dtype(dtype: Dtype) -> Dtype:
@@ -125,14 +157,42 @@ def _chunked_attention_bwd(chunk, residuals, d_out):
 chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str,
+                    multiple: int = 1) -> jax.Array:
+  """softmax(q k^T) v by `jax.nn.dot_product_attention` ('xla' or 'cudnn').
+
+  The sequence is zero-padded to a multiple of `multiple` and the padded keys are masked out by
+  their lengths. cuDNN needs it (MultiheadAttention pads to 64 there): its training kernels refuse
+  odd lengths such as ViT-B/16's 1 + 10 + 32 * 32 = 1035 tokens (seen with jax 0.11.2 on an H200).
+  Both implementations take the softmax in float32 (not float64).
+
+  Args:
+    q: (B, L, H, C) queries, already scaled. k, v: (B, L, H, C).
+    implementation: 'xla' or 'cudnn'.
+    multiple: the padded length's multiple (1: no padding).
+
+  Returns:
+    (B, L, H, C).
+  """
+  b, l = q.shape[:2]
+  pad = -l % multiple
+  if not pad:
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation)
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  out = jax.nn.dot_product_attention(q, k, v, scale=1.0, implementation=implementation,
+                                     key_value_seq_lengths=jnp.full((b,), l, jnp.int32))
+  return out[:, :l]
+
+
 class MultiheadAttention(nn.Module):
   """Self-attention; separate q/k/v/out projections with bias; q scaled by 1/sqrt(head_dim).
 
-  `query_chunk` > 0 computes unmasked attention of more than `query_chunk` tokens with
-  `chunked_attention` (same result, less memory, faster on CPU); 0 is the dense form.
+  `attention` picks the implementation of unmasked attention (module docstring); with 'chunked',
+  `query_chunk` queries per block (0, or at least the sequence length: dense).
   """
   heads: int
   query_chunk: int = 0
+  attention: str = 'chunked'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -147,7 +207,10 @@ class MultiheadAttention(nn.Module):
     q = dense('q_proj')(x).reshape(b, l, self.heads, hd) * (hd**-0.5)
     k = dense('k_proj')(x).reshape(b, l, self.heads, hd)
     v = dense('v_proj')(x).reshape(b, l, self.heads, hd)
-    if mask is None and 0 < self.query_chunk < l:
+    check_attention(self.attention, self.dtype)
+    if mask is None and self.attention in ('xla', 'cudnn'):
+      out = fused_attention(q, k, v, self.attention, 64 if self.attention == 'cudnn' else 1)
+    elif mask is None and self.attention == 'chunked' and 0 < self.query_chunk < l:
       out = chunked_attention(q, k, v, self.query_chunk)
     else:
       logits = jnp.einsum('bqhc,bkhc->bhqk', q, k).astype(_norm_dtype(self.dtype))
@@ -177,6 +240,7 @@ class ResidualAttentionBlock(nn.Module):
   """
   heads: int
   query_chunk: int = 0
+  attention: str = 'chunked'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -184,16 +248,21 @@ class ResidualAttentionBlock(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """x (B, L, D) -> (B, L, D)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = MultiheadAttention(self.heads, self.query_chunk, name='attn', **kw)
+    attn = MultiheadAttention(self.heads, self.query_chunk, self.attention, name='attn', **kw)
     x = x + attn(layer_norm(x, 'ln_1', **kw), mask)
     return x + Mlp(name='mlp', **kw)(layer_norm(x, 'ln_2', **kw))
 
 
 class Transformer(nn.Module):
-  """`layers` residual blocks, named `resblocks_{i}`, with the deep-prompt token swap of VPT."""
+  """`layers` residual blocks, named `resblocks_{i}`, with the deep-prompt token swap of VPT.
+
+  `remat` (module docstring) wraps each block in `nn.remat`; parameter names are unchanged.
+  """
   layers: int
   heads: int
   query_chunk: int = 0
+  attention: str = 'chunked'
+  remat: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -214,6 +283,9 @@ class Transformer(nn.Module):
     Returns:
       (x (B, L', D), {i: output of block i (B, L_i, D)}).
     """
+    block = ResidualAttentionBlock
+    if self.remat != 'none':
+      block = nn.remat(block, policy=remat_policy(self.remat))
     hidden = {}
     for i in range(self.layers):
       if deep_prompts is not None:
@@ -222,8 +294,8 @@ class Transformer(nn.Module):
           x = jnp.concatenate([x[:, :1], deep_prompts[i - 1].astype(x.dtype), x[:, 1 + t:]], axis=1)
         elif i == depth + 1:
           x = jnp.concatenate([x[:, :1], x[:, 1 + t:]], axis=1)
-      x = ResidualAttentionBlock(self.heads, self.query_chunk, dtype=self.dtype,
-                                 param_dtype=self.param_dtype, name=f'resblocks_{i}')(x, mask)
+      x = block(self.heads, self.query_chunk, self.attention, dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f'resblocks_{i}')(x, mask)
       if i in hidden_layers:
         hidden[i] = x
     return x, hidden
@@ -246,6 +318,8 @@ class VisionTransformer(nn.Module):
       row as well, so token 0 carries it twice (README behaviour 1).
     hidden_layers: block indices whose outputs `__call__` also returns.
     attention_query_chunk: queries per block of `chunked_attention` (0: dense attention).
+    attention: the implementation of attention (module docstring).
+    remat: rematerialisation of the blocks in the backward pass (module docstring).
     dtype: computation dtype. param_dtype: parameter dtype at init.
   """
   patch_size: int
@@ -260,6 +334,8 @@ class VisionTransformer(nn.Module):
   double_class_embedding: bool = False
   hidden_layers: tuple[int, ...] = ()
   attention_query_chunk: int = 0
+  attention: str = 'chunked'
+  remat: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -330,8 +406,8 @@ class VisionTransformer(nn.Module):
         deep = prompt_proj(deep.astype(self.dtype))  # (L_d, T, D): the same shared projection
         deep = drop(jnp.broadcast_to(deep[:, None], (self.prompt_depth, b, t, d)))
 
-    x, hidden = Transformer(self.layers, self.heads, self.attention_query_chunk, name='transformer',
-                            **kw)(
+    x, hidden = Transformer(self.layers, self.heads, self.attention_query_chunk, self.attention,
+                            self.remat, name='transformer', **kw)(
         x, deep_prompts=deep, hidden_layers=self.hidden_layers)
 
     if t > 0:
@@ -363,7 +439,7 @@ class TextTransformer(nn.Module):
     """
     if token_ids.ndim != 2 or token_ids.shape[1] > self.context_length:
       raise ValueError(f'TextTransformer expects token ids (B, L) with L <= {self.context_length}, '
-                       f'got shape {token_ids.shape}; tokenize with clip_weights.tokenize.')
+                       f'got shape {token_ids.shape}; tokenize with tokenizer.tokenize.')
     if not jnp.issubdtype(token_ids.dtype, jnp.integer):
       raise ValueError(f'Token ids must be integers, got {token_ids.dtype}.')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -89,10 +89,16 @@ def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
                   kernel_init=nn.initializers.truncated_normal(0.02))
 
 
+def at_least_f32(x: jax.Array) -> jax.Array:
+  """`x` in float32, or float64 if it is: what the cosines and the Sinkhorn costs are computed in."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
   """A head's LayerNorm."""
-  # torch.nn.LayerNorm: eps 1e-5, two-pass variance.
-  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
+  # torch.nn.LayerNorm: eps 1e-5, two-pass variance; in float32 at least under bfloat16.
+  nd = None if dtype is None else jnp.promote_types(dtype, jnp.float32)
+  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=nd, name=name)
 
 
 class AttentionOT(nn.Module):
@@ -111,8 +117,8 @@ class AttentionOT(nn.Module):
                train: bool) -> tuple[jax.Array | None, jax.Array, dict[str, jax.Array]]:
     """queries (B, K, N, C), pixels (B, M, C) -> (output (B, K, N, C) or None, map (B, M, K),
     {'sinkhorn_iterations': () the solver's iteration count})."""
-    q = l2_normalize(dense(self.embed_dims, self.dtype, 'q')(queries))
-    k = l2_normalize(dense(self.embed_dims, self.dtype, 'k')(pixels))
+    q = l2_normalize(at_least_f32(dense(self.embed_dims, self.dtype, 'q')(queries)))
+    k = l2_normalize(at_least_f32(dense(self.embed_dims, self.dtype, 'k')(pixels)))
     plan, attn_map, info = transport_map(k, q, self.ot_config)
     aux = {'sinkhorn_iterations': info['iterations']}
     if not self.with_output:
@@ -146,7 +152,7 @@ class SoftmaxCrossAttention(nn.Module):
     d = c // self.num_heads
     q = dense(c, self.dtype, 'q')(queries).reshape(b, k_, n, self.num_heads, d)
     k = dense(c, self.dtype, 'k')(pixels).reshape(b, -1, self.num_heads, d)
-    logits = jnp.einsum('bknhd,bmhd->bknhm', q, k) * d**-0.5
+    logits = at_least_f32(jnp.einsum('bknhd,bmhd->bknhm', q, k)) * d**-0.5
     attn_map = jnp.einsum('bknhm->bmk', logits) / (n * self.num_heads)
     if not self.with_output:
       return None, attn_map, {}

@@ -70,6 +70,9 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
       # Queries per block of clip.chunked_attention (0 = dense attention, the same numbers): on
       # 2 CPU threads the train step at 512 was 1.4-1.6x faster with 2/3 of the memory (README).
       attention_query_chunk=256,
+      # 'auto': cuDNN flash attention on GPU in bfloat16, else 'chunked' (clip.ATTENTION).
+      attention='auto',
+      remat='none',  # 'none' | 'block' | a jax.checkpoint_policies name (clip.REMAT)
   ))
   config.head = ml_collections.ConfigDict(dict(
       decoder_layers=3,
@@ -79,6 +82,9 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
       dropout=0.1,
   ))
   config.ot = ot.get_config()
+  # Compute dtype of matmuls and convolutions: 'float32' or 'bfloat16'. Parameters, optimizer
+  # state, LayerNorm, softmax, the Sinkhorn solve, the losses and the returned logits stay float32.
+  config.dtype = 'float32'
   config.num_prompts = 6  # N, checked against the text array.
   # Eval: sigmoid(w * decoder + (1 - w) * score), minus `calibration` on the seen channels.
   config.ensemble_weight = 0.5
@@ -99,8 +105,32 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
   return config
 
 
-def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = jnp.float32) -> 'OTSeg':
-  """The `OTSeg` module described by `config` (see `get_config`)."""
+def resolve_attention(attention: str, dtype: Dtype) -> str:
+  """The image tower's attention implementation for this platform (`clip.ATTENTION`).
+
+  'auto': 'chunked' on CPU (blocks of queries stay in cache there); on accelerators cuDNN's
+  flash attention in a 16-bit dtype ('cudnn', GPU), else XLA's ('xla'). Other names are checked
+  and returned as they are.
+  """
+  if attention != 'auto':
+    clip.check_attention(attention, dtype)
+    return attention
+  backend = jax.default_backend()
+  if backend == 'cpu':
+    return 'chunked'
+  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return 'cudnn'
+  return 'xla'
+
+
+def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) -> 'OTSeg':
+  """The `OTSeg` module described by `config` (see `get_config`).
+
+  `dtype` overrides `config.dtype` (the parity checks run the model in float64).
+  """
+  dtype = jnp.dtype(dtype or config.get('dtype', 'float32'))
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float64):
+    raise ValueError(f"config.model.dtype={dtype.name!r}: use 'float32' or 'bfloat16'.")
   if config.head.attention not in ('mpsa', 'softmax'):
     raise ValueError(f"config.head.attention={config.head.attention!r}: use 'mpsa' or 'softmax'.")
   if config.head.decoder_layers < 1:
@@ -117,6 +147,8 @@ def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = jnp.floa
       prompt_depth=b.prompt_depth,
       prompt_dropout=b.prompt_dropout,
       attention_query_chunk=b.attention_query_chunk,
+      backbone_attention=resolve_attention(b.get('attention', 'auto'), dtype),
+      remat=b.get('remat', 'none'),
       decoder_layers=config.head.decoder_layers,
       num_heads=config.head.num_heads,
       attention=config.head.attention,
@@ -228,8 +260,8 @@ class OTSegHead(nn.Module):
     pixels = dense.reshape(b, h * w, c)
     t = jnp.broadcast_to(text.astype(dense.dtype), (b, *text.shape))
     # Relationship descriptor: q_proj(concat(global * t, t)), (B, K, N, 2C) -> (B, K, N, C).
-    q = ot_layers.dense(self.embed_dims, self.dtype, 'q_proj')(
-        ot_layers.relationship_features(global_, t))
+    q = ot_layers.at_least_f32(ot_layers.dense(self.embed_dims, self.dtype, 'q_proj')(
+        ot_layers.relationship_features(global_, t)))
     outputs = {'q_proj': q}
     iterations = []
 
@@ -270,6 +302,8 @@ class OTSeg(nn.Module):
   ot_config: Any
   prompt_dropout: float = 0.0
   attention_query_chunk: int = 0
+  backbone_attention: str = 'chunked'
+  remat: str = 'none'
   decoder_layers: int = 3
   num_heads: int = 8
   attention: str = 'mpsa'
@@ -283,7 +317,8 @@ class OTSeg(nn.Module):
         output_dim=self.output_dim, image_size=self.image_size,
         num_prompt_tokens=self.num_prompt_tokens, prompt_depth=self.prompt_depth,
         prompt_dropout=self.prompt_dropout, double_class_embedding=True,
-        attention_query_chunk=self.attention_query_chunk, dtype=self.dtype)
+        attention_query_chunk=self.attention_query_chunk, attention=self.backbone_attention,
+        remat=self.remat, dtype=self.dtype)
     self.decode_head = OTSegHead(
         embed_dims=self.output_dim, ot_config=self.ot_config,
         decoder_layers=self.decoder_layers, num_heads=self.num_heads, attention=self.attention,
@@ -297,6 +332,9 @@ class OTSeg(nn.Module):
   def encode_image(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
     """images (B, H, W, 3) -> (dense (B, h, w, C), global (B, C)), both L2-normalised over C."""
     global_, dense, _ = self.backbone(images, train=train)
+    # The head reads the embeddings in float32 (or float64): cosines feed the Sinkhorn costs,
+    # whose rounding exp(-C / eps) amplifies 1 / eps = 20 times.
+    dense, global_ = ot_layers.at_least_f32(dense), ot_layers.at_least_f32(global_)
     # Plain division, as the reference backbone (no eps).
     dense = dense / jnp.linalg.norm(dense, axis=-1, keepdims=True)
     global_ = global_ / jnp.linalg.norm(global_, axis=-1, keepdims=True)
