@@ -11,7 +11,6 @@ A new method adds its row by adding its synthetic config to `CONFIGS`.
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -22,7 +21,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'benchmarks'))
 
+import bench_train  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import devices  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import reports  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -35,18 +36,9 @@ CONFIGS = {
 KEYS = ('seen_mIoU', 'unseen_mIoU', 'hIoU')
 
 
-def load_config(spec: str):
-  """A config from 'file.py[:arg]', as --config reads it."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('compare_config', REPO / path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def run(spec: str, steps: int, seed: int) -> dict:
   """Trains and evaluates one (config, seed); returns the scores and the train time."""
-  config = load_config(spec)
+  config = bench_train.load_config(spec)
   config.seed = seed
   config.num_train_steps = steps
   config.checkpoint_every_steps = steps

@@ -57,9 +57,10 @@ class Model(nn.Module):
         patch_size=b.patch_size, width=b.width, layers=b.layers, heads=b.heads,
         output_dim=b.output_dim, image_size=self.config.image_size, dtype=self.dtype)
     self.prompt_learner = prompt_learner.CoOpText(
-        vocab_size=t.vocab_size, context_length=t.context_length, width=t.width,
-        layers=t.layers, heads=t.heads, output_dim=b.output_dim, num_context=t.num_context,
-        dtype=self.dtype)
+        text=clip.TextTransformer(
+            vocab_size=t.vocab_size, context_length=t.context_length, width=t.width,
+            layers=t.layers, heads=t.heads, output_dim=b.output_dim, dtype=self.dtype),
+        num_context=t.num_context)
     self.head = nn.Dense(b.output_dim, dtype=self.dtype)
 
   def encode_text(self, tokens: jax.Array, *, train: bool) -> jax.Array:
