@@ -123,15 +123,13 @@ def _init_params(config, model, text: np.ndarray):
 
 def _dataset_sizes(config) -> tuple[int, int]:
   """(classes trained on, classes evaluated) of the config's dataset and setting."""
+  from otseg_jax import classes  # pylint: disable=g-import-not-at-top
   if config.data.name == 'synthetic':
     from otseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     dataset = synthetic.dataset_classes()
   else:
-    from otseg_jax import classes  # pylint: disable=g-import-not-at-top
     dataset = classes.get(config.dataset)
-  num_classes = dataset.num_classes
-  k_train = num_classes - len(dataset.unseen) if config.setting == 'inductive' else num_classes
-  return k_train, num_classes
+  return len(classes.train_text_rows(dataset, config.setting)), dataset.num_classes
 
 
 def _random_text(num_classes: int, n: int, c: int) -> np.ndarray:
