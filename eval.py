@@ -15,22 +15,23 @@ from absl import flags
 from ml_collections import config_flags
 
 from otseg_jax import cli
+from otseg_jax import devices
 from otseg_jax import evaluate
-from otseg_jax import trainer
+from otseg_jax import metrics
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and argument, e.g. configs/voc12.py:inductive.', lock_config=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                   'Training workdir or parameter checkpoint directory.')
 _OUTDIR = flags.DEFINE_string('outdir', None, 'Reports; default CHECKPOINT/eval_<data>_<split>.')
-_INIT_DISTRIBUTED = trainer.define_distributed_flags()
+_INIT_DISTRIBUTED = devices.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'checkpoint'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  trainer.quiet_library_logs()
+  devices.quiet_library_logs()
   _INIT_DISTRIBUTED()
   try:
     results = evaluate.evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _OUTDIR.value)
@@ -38,7 +39,7 @@ def main(argv):
     if cli.debug():
       raise
     sys.exit(f'eval.py: error: {e}')
-  print(f'{results["split"]} ({results["num_images"]} images): {evaluate.format_summary(results)}')
+  print(f'{results["split"]} ({results["num_images"]} images): {metrics.format_summary(results)}')
 
 
 if __name__ == '__main__':

@@ -17,21 +17,22 @@ from absl import flags
 from ml_collections import config_flags
 
 from otseg_jax import cli
-from otseg_jax import evaluate
+from otseg_jax import devices
+from otseg_jax import metrics
 from otseg_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and argument, e.g. configs/voc12.py:transductive.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs and reports; resumed from.')
-_INIT_DISTRIBUTED = trainer.define_distributed_flags()
+_INIT_DISTRIBUTED = devices.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  trainer.quiet_library_logs()
+  devices.quiet_library_logs()
   _INIT_DISTRIBUTED()
   try:
     results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -42,7 +43,7 @@ def main(argv):
   if results.get('preempted'):
     print(f'Stopped at step {results["step"]}; rerun the same command to resume.')
   elif results:
-    print(f'{results["split"]}: {evaluate.format_summary(results)}')
+    print(f'{results["split"]}: {metrics.format_summary(results)}')
     print(f'Reports and pictures: {_WORKDIR.value}/eval (overlays/, per_class_iou.png)')
 
 

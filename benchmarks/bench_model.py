@@ -150,10 +150,12 @@ def _torch_tower(config, images, runs: int) -> dict:
 def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | None = None,
                overrides=()) -> dict:
   """Runs one figure in this process; returns {key: timing dict}."""
+  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from otseg_jax import image_ops, inference, losses, ot  # pylint: disable=g-import-not-at-top
+  from otseg_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
 
   config, sizes = _config(quick, attention_query_chunk, overrides)
@@ -173,20 +175,21 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
     params = params_for(text_all)
     seen = np.arange(sizes['all']) < sizes['seen']
     images = jnp.asarray(rng.normal(size=(1, s, s, 3)), jnp.float32)
-    fn = jax.jit(lambda p, x: inference.encode_decode(model, p, x, text_all, seen))
+    probabilities = functools.partial(otseg.eval_probabilities, config=config)
+    fn = jax.jit(lambda p, x: inference.encode_decode(model, p, x, text_all, seen, probabilities))
     results[name] = _time(lambda: fn(params, images), runs)
 
   elif name.startswith('train_b'):
     b = int(name[len('train_b'):])
     params = params_for(text_seen)
-    trainable, frozen = otseg.split_params(params)
+    trainable, frozen = params_lib.split_params(params, config.trainable)
     images = jnp.asarray(rng.normal(size=(b, s, s, 3)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, sizes['seen'], size=(b, s, s)), jnp.int32)
 
     def loss_fn(trainable, key):
-      out = model.apply({'params': otseg.merge_params(trainable, frozen)}, images, text_seen,
-                        train=True, rngs={'dropout': key})
-      return losses.otseg_loss(out, labels)['total']
+      maps, _ = model.apply({'params': params_lib.merge_params(trainable, frozen)}, images,
+                            text_seen, train=True, rngs={'dropout': key})
+      return losses.otseg_loss(maps, labels)['total']
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     key = jax.random.key(1)

@@ -7,7 +7,7 @@ r"""Training-step and evaluation throughput of OTSeg at a real config, with MFU 
 
 Random weights and random batches (no dataset, no CLIP download): the timing of `train_step`
 (jit over all devices, batch sharded, the trainer's own function) and of the evaluation forward
-(`inference.encode_decode` on batches of S x S slide windows, as `evaluate.SlideEvaluator` runs it).
+(`inference.encode_decode` on batches of S x S slide windows, as `inference.SlideEvaluator` runs it).
 Prints images/s, step time, XLA's estimate of the step's memory, and, on GPU, the model FLOP
 utilisation: the image tower's model FLOPs (`tower_flops`) over the step time and the device's
 peak (dense bf16, or TF32 for float32 matmuls; --peak_tflops to override). One VOC validation image at
@@ -29,7 +29,10 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from otseg_jax import devices  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import inference  # noqa: E402  pylint: disable=g-import-not-at-top
+from otseg_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top
+from otseg_jax import params as params_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax.models import otseg  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -120,15 +123,13 @@ def _init_params(config, model, text: np.ndarray):
 
 def _dataset_sizes(config) -> tuple[int, int]:
   """(classes trained on, classes evaluated) of the config's dataset and setting."""
+  from otseg_jax import classes  # pylint: disable=g-import-not-at-top
   if config.data.name == 'synthetic':
     from otseg_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     dataset = synthetic.dataset_classes()
   else:
-    from otseg_jax import classes  # pylint: disable=g-import-not-at-top
     dataset = classes.get(config.dataset)
-  num_classes = dataset.num_classes
-  k_train = num_classes - len(dataset.unseen) if config.setting == 'inductive' else num_classes
-  return k_train, num_classes
+  return len(classes.train_text_rows(dataset, config.setting)), dataset.num_classes
 
 
 def _random_text(num_classes: int, n: int, c: int) -> np.ndarray:
@@ -145,7 +146,7 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
   s = config.model.image_size
   k_train, _ = _dataset_sizes(config)
   text = _random_text(k_train, config.model.num_prompts, config.model.backbone.output_dim)
-  mesh = trainer.make_mesh()
+  mesh = devices.make_mesh()
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   model = otseg.model_from_config(config.model)
@@ -153,7 +154,7 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
   if config.ft_backbone:
     trainable, frozen = params, {}
   else:
-    trainable, frozen = otseg.split_params(params)
+    trainable, frozen = params_lib.split_params(params, config.model.trainable)
   tx, _ = trainer.make_optimizer(config, trainable, config.num_train_steps)
   state = trainer.TrainState(step=np.int32(0), params=trainable, frozen=frozen,
                              opt_state=jax.tree.map(np.asarray, tx.init(trainable)),
@@ -165,8 +166,9 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
       'label': jax.device_put(rng.integers(0, k_train, (batch, s, s)).astype(np.int32), data),
       'index': jax.device_put(np.arange(batch, dtype=np.int32), data)}
   text = jax.device_put(text, replicated)
-  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx,
-                                   loss_config=config.loss.to_dict()),
+  loss_kwargs = {k: v for k, v in config.loss.to_dict().items() if k != 'name'}
+  loss_fn = functools.partial(getattr(losses, config.loss.name), **loss_kwargs)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, loss_fn=loss_fn),
                  in_shardings=(replicated, data, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
   start = time.perf_counter()
@@ -201,7 +203,7 @@ def eval_figure(config, windows_per_device: int, steps: int, warmup: int,
   s = config.model.image_size
   k_train, num_classes = _dataset_sizes(config)
   text = _random_text(num_classes, config.model.num_prompts, config.model.backbone.output_dim)
-  mesh = trainer.make_mesh()
+  mesh = devices.make_mesh()
   replicated = NamedSharding(mesh, P())
   data = NamedSharding(mesh, P('data'))
   model = otseg.model_from_config(config.model)
@@ -210,9 +212,9 @@ def eval_figure(config, windows_per_device: int, steps: int, warmup: int,
       np.random.default_rng(0).normal(size=(windows, s, s, 3)).astype(np.float32), data)
   seen = jax.device_put(np.arange(num_classes) < k_train, replicated)
   text_all = jax.device_put(text, replicated)
-  encode = jax.jit(lambda p, x: inference.encode_decode(
-      model, p, x, text_all, seen, ensemble_weight=config.model.ensemble_weight,
-      calibration=config.model.calibration), out_shardings=data)
+  probabilities = functools.partial(otseg.eval_probabilities, config=config.model)
+  encode = jax.jit(lambda p, x: inference.encode_decode(model, p, x, text_all, seen, probabilities),
+                   out_shardings=data)
   start = time.perf_counter()
   compiled = encode.lower(params, crops).compile()
   compile_s = time.perf_counter() - start

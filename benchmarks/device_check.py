@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_train  # noqa: E402  pylint: disable=g-import-not-at-top
+from otseg_jax.models import ot_layers  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax.models import otseg  # noqa: E402  pylint: disable=g-import-not-at-top
 
 VOC = 'configs/voc12.py:inductive'
@@ -68,13 +69,13 @@ def ot_figure(batch: int, classes: int, m: int, n: int, c: int, iterations: int 
   def loss(pixels, prompts):
     total = 0.0
     for layer in range(4):  # distinct inputs per call, as the step's layers
-      one = lambda p, q: otseg.transport_map(p, q, config)[1]
+      one = lambda p, q: ot_layers.transport_map(p, q, config)[1]
       total += jnp.sum(jax.vmap(one)(pixels[layer], prompts[layer]) ** 2)
     return total
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
   seconds = bench_train.timed(lambda: grad(pixels, prompts), 5, 2)
-  iters = jax.jit(lambda p, q: otseg.transport_map(p, q, config)[2]['iterations'])(
+  iters = jax.jit(lambda p, q: ot_layers.transport_map(p, q, config)[2]['iterations'])(
       pixels[0, 0], prompts[0, 0])
   return dict(iterations=iterations or 'default', iterations_seen=int(np.max(iters)),
               ms=seconds * 1e3, share_of_step=seconds * 1e3 / step_ms if step_ms else None)

@@ -10,8 +10,6 @@ import ml_collections
 from otseg_jax import classes
 from otseg_jax.models import otseg
 
-SETTINGS = ('inductive', 'transductive', 'fully_supervised')
-
 # Per training dataset: model variant, iterations (inductive / fully supervised, transductive), crop S
 # and slide stride.
 DATASETS = {
@@ -74,8 +72,8 @@ def make_config(dataset: str, setting: str) -> ml_collections.ConfigDict:
   """The full config of training `dataset` in `setting` (inductive | transductive | fully_supervised)."""
   if dataset not in DATASETS:
     raise ValueError(f'No config for dataset {dataset!r}; known: {sorted(DATASETS)}.')
-  if setting not in SETTINGS:
-    raise ValueError(f'Unknown setting {setting!r}: use one of {", ".join(SETTINGS)} '
+  if setting not in classes.SETTINGS:
+    raise ValueError(f'Unknown setting {setting!r}: use one of {", ".join(classes.SETTINGS)} '
                      f'(e.g. --config configs/{dataset}.py:transductive).')
   d = DATASETS[dataset]
   cls = classes.get(dataset)
@@ -95,22 +93,23 @@ def make_config(dataset: str, setting: str) -> ml_collections.ConfigDict:
   config.tokenizer = ''
   config.templates = cls.templates  # 'otseg6' (VOC, N=6) | 'otseg8' (N=8), see classes.py.
 
-  # --- Model (otseg_jax.models.otseg.get_config) and the OT solver inside it.
+  # --- Model: the method (config.model.name, otseg_jax.models.otseg) and its fields, the OT solver
+  # inside it (config.model.ot), the transductive pseudo-label balance.
   config.model = otseg.get_config(d['model'])  # Includes the OT solver settings (config.model.ot).
   # Eval calibration: minus 0.1 on the seen channels in the inductive setting only.
   config.model.calibration = 0.1 if setting == 'inductive' else 0.0
 
-  # --- Loss (otseg_jax.losses): 100 * focal + 1 * dice on the decoder map and on the score map.
+  # --- Loss (otseg_jax.losses.<name>): 100 * focal + 1 * dice on the decoder map and on the score
+  # map; the other fields are its keyword arguments.
   config.loss = ml_collections.ConfigDict(dict(
-      focal_weight=100.0, dice_weight=1.0, alpha=0.25, gamma=2.0))
+      name='otseg_loss', focal_weight=100.0, dice_weight=1.0, alpha=0.25, gamma=2.0))
 
-  # The reference's ft_backbone: False trains only the prompts of the image tower (and the head);
-  # True trains the whole tower.
+  # The reference's ft_backbone: False trains only config.model.trainable (OTSeg: the prompts of the
+  # image tower and the head); True trains the whole model.
   config.ft_backbone = False
 
   # --- Transductive self-training (spec section 7).
   config.init_from = ''  # Parameters to start from: a training workdir or a parameter checkpoint.
-  config.pseudo_label_balance = 0.5  # sigmoid(b * score + (1 - b) * decoder).
 
   # --- Optimizer and schedule (spec section 8).
   config.optimizer = ml_collections.ConfigDict(dict(

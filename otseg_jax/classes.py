@@ -1,6 +1,7 @@
 """Class names, zero-shot splits and prompt templates of every dataset, read from classes.json.
 
-The single source for the text-embeddings command, the dataset builders and the configs.
+The single source for the text-embeddings command, the dataset builders and the configs, and the one
+home of the ignore label, the training settings and the seen / unseen split of a setting.
 """
 
 import dataclasses
@@ -8,7 +9,17 @@ import functools
 import json
 import pathlib
 
+import numpy as np
+
 _PATH = pathlib.Path(__file__).with_name('classes.json')
+
+# The label of pixels that count for no class (borders, unlabelled, reduced background).
+IGNORE_INDEX = 255
+
+# inductive: train on the seen classes (unseen pixels ignored, unseen text withheld);
+# transductive: self-training with pseudo-labels for the unseen pixels, all text rows;
+# fully_supervised: every class seen.
+SETTINGS = ('inductive', 'transductive', 'fully_supervised')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,3 +72,25 @@ def templates(name: str) -> tuple[str, ...]:
   if name not in sizes:
     raise ValueError(f'Unknown template set {name!r}; use one of {sorted(sizes)}.')
   return all8[:sizes[name]]
+
+
+def seen_mask(dataset: DatasetClasses, setting: str) -> np.ndarray:
+  """(K,) bool: the classes trained with their ground truth in `setting`.
+
+  Every class when fully supervised, else every class but the unseen ones. Evaluation calibrates
+  these, transductive training pseudo-labels the others.
+  """
+  if setting not in SETTINGS:
+    raise ValueError(f'config.setting={setting!r}: use one of {", ".join(SETTINGS)}.')
+  seen = np.ones(dataset.num_classes, bool)
+  if setting != 'fully_supervised':
+    seen[list(dataset.unseen)] = False
+  return seen
+
+
+def train_text_rows(dataset: DatasetClasses, setting: str) -> np.ndarray:
+  """Indices of the classes whose text the model trains against: the seen ones in the inductive
+  setting (the unseen names are withheld), every class otherwise."""
+  if setting == 'inductive':
+    return np.flatnonzero(seen_mask(dataset, setting))
+  return np.arange(dataset.num_classes)

@@ -243,7 +243,7 @@ def config_from_reference(ref: Mapping[str, Any]) -> ml_collections.ConfigDict:
     raise ValueError(f'Reference config {ref.get("name")!r} is not supported: '
                      + ', '.join(unsupported))
   config = otseg.get_config()
-  config.name = ref.get('name', 'reference')
+  config.variant = ref.get('name', 'reference')
   config.image_size = ref['img_size']
   config.backbone.update(dict(
       patch_size=ref['patch_size'], width=ref['width'], layers=ref['layers'],

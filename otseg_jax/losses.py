@@ -6,10 +6,10 @@ All shapes are static: the authors loop over the classes present in each image; 
 (b, k) term is computed and the dice terms are masked by presence.
 """
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
-
-IGNORE_INDEX = 255
 
 
 def segmentation_loss(
@@ -89,25 +89,36 @@ def segmentation_loss(
 
 
 def otseg_loss(
-    outputs: dict[str, jax.Array], labels: jax.Array, **kwargs) -> dict[str, jax.Array]:
-  """OTSeg's four training terms: focal and dice on the decoder map and on the MPS score map.
+    maps: Mapping[str, jax.Array], labels: jax.Array, **kwargs) -> dict[str, jax.Array]:
+  """OTSeg's training terms: focal and dice on the decoder map and on the MPS score map.
 
   Args:
-    outputs: `decoder` (B, H, W, K) and `score` (B, H, W, K) logits, the head's two train maps.
+    maps: `decoder` (B, H, W, K) and, unless the MPS path is ablated, `score` (B, H, W, K)
+      logits, the head's train maps.
     labels: (B, H, W) int, visibility-mapped, 255 = ignore.
     **kwargs: passed to `segmentation_loss` (weights, alpha, gamma, axis_name).
 
   Returns:
-    dict with `decode.loss_mask`, `decode.loss_dice`, `score.loss_mask`, `score.loss_dice` (the
-    reference's `loss/*` names), `total` (their sum) and `num_masks`; see `segmentation_loss` for
-    what they mean under `axis_name`.
+    dict with `decode.loss_mask`, `decode.loss_dice` and, with a score map, `score.loss_mask`,
+    `score.loss_dice` (the reference's `loss/*` names), `total` (their sum) and `num_masks`; see
+    `segmentation_loss` for what they mean under `axis_name`.
   """
+  named = {'decode': maps['decoder']}
+  if 'score' in maps:
+    named['score'] = maps['score']
+  return map_losses(named, labels, **kwargs)
+
+
+def map_losses(maps: Mapping[str, jax.Array], labels: jax.Array,
+               **kwargs) -> dict[str, jax.Array]:
+  """Focal and dice on every map of `maps`: `{name}.loss_mask`, `{name}.loss_dice`, `total`,
+  `num_masks`; for a method whose maps need no reference names."""
   losses = {}
-  for prefix, key in (('decode', 'decoder'), ('score', 'score')):
-    terms = segmentation_loss(outputs[key], labels, **kwargs)
+  for prefix, logits in maps.items():
+    terms = segmentation_loss(logits, labels, **kwargs)
     losses[f'{prefix}.loss_mask'] = terms['loss_mask']
     losses[f'{prefix}.loss_dice'] = terms['loss_dice']
-  # Both maps share labels, hence num_masks.
+  # Every map shares the labels, hence num_masks.
   losses['num_masks'] = terms['num_masks']
   losses['total'] = sum(v for name, v in losses.items() if '.loss_' in name)
   return losses

@@ -34,8 +34,10 @@ import numpy as np
 from otseg_jax import convert
 from otseg_jax import inference
 from otseg_jax import losses as losses_lib
+from otseg_jax import models
+from otseg_jax import params as params_lib
 from otseg_jax.data import replay
-from otseg_jax.models import otseg
+from otseg_jax.models import ot_layers
 
 
 @dataclasses.dataclass
@@ -149,7 +151,8 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
     config.backbone.attention_query_chunk = attention_query_chunk
   config.ot = solver_config(config.ot, x64=x64, converged=converged,
                             implementation=implementation)
-  model = otseg.model_from_config(config, dtype=dtype)
+  method = models.get_method(config.name)
+  model = method.model_from_config(config, dtype=dtype)
   state_dict = {k: v for k, v in dump.items() if '/' not in k}
   params, _ = convert.params_from_state_dict(state_dict, config)
   cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
@@ -173,14 +176,14 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
     images = jnp.asarray(_nhwc(dump['input/images']), dtype)
     labels = jnp.asarray(dump['input/labels_mapped'][:, 0], jnp.int32)
     text = jnp.asarray(dump['input/text_embeddings'][seen_idx], dtype)
-    trainable, frozen = otseg.split_params(params)
+    trainable, frozen = params_lib.split_params(params, config.trainable)
 
     def loss_fn(trainable):
-      outputs, state = model.apply(
-          {'params': otseg.merge_params(trainable, frozen)}, images, text, train=True,
-          rngs={'dropout': jax.random.key(0)}, mutable=['intermediates'])
-      terms = losses_lib.otseg_loss(outputs, labels)
-      return terms['total'], (outputs, terms, otseg.sinkhorn_iterations(state['intermediates']))
+      maps, aux = model.apply(
+          {'params': params_lib.merge_params(trainable, frozen)}, images, text, train=True,
+          rngs={'dropout': jax.random.key(0)})
+      terms = losses_lib.otseg_loss(maps, labels)
+      return terms['total'], (dict(aux, **maps), terms, aux['sinkhorn_iterations'])
 
     (_, (out, terms, iters)), grads = jit(jax.value_and_grad(loss_fn, has_aux=True))(
         trainable)
@@ -199,13 +202,13 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
     # The last layer's queries are unused by the model (its FFN is never created); recompute
     # them from the checkpoint's otherwise unused tensors to cover the whole dump.
     last_in = out['layer_queries'][-1] if num_layers > 1 else out['q_proj']
-    layer = otseg.MPSADecoderLayer(
+    layer = ot_layers.MPSADecoderLayer(
         config.backbone.output_dim, ml_collections.FrozenConfigDict(config.ot),
         dropout=0.0, with_output=True, dtype=dtype)
     rows_last = convert.decoder_layer_rows(num_layers - 1, with_output=True)
     layer_params = cast(traverse_util.unflatten_dict({
         p: f(state_dict['decode_head.' + n]) for n, p, f in rows_last}))
-    q_last, _ = jit(lambda p, x, v: layer.apply({'params': p}, x, v, train=False))(
+    q_last, _, _ = jit(lambda p, x, v: layer.apply({'params': p}, x, v, train=False))(
         layer_params, last_in, out['dense'].reshape(b, h * w, -1))
     rows.append(_rows_for(f'train_decoder_layer_q[{num_layers - 1}] (unused by the model)',
                           np.transpose(q_last, (1, 2, 0, 3)), ref_q[-1], tol))
@@ -228,7 +231,8 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
     grad_sd = dict(state_dict)
     for name in _trainable_names(dump):
       grad_sd[name] = expected[f'grad/{name}']
-    ref_grads, _ = otseg.split_params(convert.params_from_state_dict(grad_sd, config)[0])
+    ref_grads, _ = params_lib.split_params(convert.params_from_state_dict(grad_sd, config)[0],
+                                           config.trainable)
     ours = traverse_util.flatten_dict(grads)
     for path, ref in sorted(traverse_util.flatten_dict(ref_grads).items()):
       rows.append(_rows_for('grad/' + '/'.join(path), ours[path], ref, tol))
@@ -236,17 +240,15 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
                 for n in dump['info/grad_none_params']), default=0.0)
     rows.append(Row('grad of the unused tensors (stored as zeros)', zero, zero, tol))
 
-  eval_kw = dict(ensemble_weight=config.ensemble_weight, calibration=config.calibration)
+  probabilities = functools.partial(method.eval_probabilities, config=config)
   if 'eval' in checks:
     images = jnp.asarray(_nhwc(dump['input/images']), dtype)
 
     @jit
     def eval_fn(params, images):
-      outputs, state = model.apply({'params': params}, images, text_all, train=False,
-                                   mutable=['intermediates'])
+      maps, aux = model.apply({'params': params}, images, text_all, train=False)
       # encode_decode's own forward is exercised by the slide check.
-      probs = otseg.eval_probabilities(outputs, seen, **eval_kw)
-      return outputs, probs, otseg.sinkhorn_iterations(state['intermediates'])
+      return aux, probabilities(maps, seen), aux['sinkhorn_iterations']
 
     outputs, probs, iters = eval_fn(params, images)
     if implementation == 'reference':
@@ -262,7 +264,7 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
 
     @jit
     def slide_fn(params, image):
-      encode = lambda x: inference.encode_decode(model, params, x, text_all, seen, **eval_kw)
+      encode = lambda x: inference.encode_decode(model, params, x, text_all, seen, probabilities)
       return inference.predict(encode, image, mode='slide', crop=ref_cfg['crop'],
                                stride=ref_cfg['stride'])
 
@@ -274,7 +276,7 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
   if 'rect' in checks:
     image = jnp.asarray(_nhwc(dump['input/image_rect']), dtype)
     dense, global_ = jit(lambda p, x: model.apply(
-        {'params': p}, x, train=False, method=otseg.OTSeg.encode_image))(params, image)
+        {'params': p}, x, train=False, method='encode_image'))(params, image)
     check('backbone_rect_visual_embedding', np.moveaxis(dense, -1, 1),
           'out/backbone_rect_visual_embedding')
     check('backbone_rect_global_embedding', global_, 'out/backbone_rect_global_embedding')

@@ -1,11 +1,11 @@
-r"""Segments any images into any classes with a trained OTSeg checkpoint.
+r"""Segments any images into any classes with a trained checkpoint (any method).
 
   python -m otseg_jax.predict --checkpoint runs/voc12 --image a.jpg b.png \
       --classes "cat,dog,grass" --clip openai/clip-vit-base-patch16 --out predictions/
 
-The class text embeddings are computed on the fly with the CLIP text tower of --clip (an HF
-directory / hub id, an OpenAI .pt, or a `convert --from openai-clip` checkpoint), from the prompt
-templates of --templates. Every class is new to the model, so no seen-class calibration applies.
+The class text is computed on the fly: OTSeg's embeddings with the CLIP text tower of --clip (an
+HF directory / hub id, an OpenAI .pt, or a `convert --from openai-clip` checkpoint) from the prompt
+templates of --templates; a prompt learner's from the tokenized names, in the model. Every class is new to the model, so no seen-class calibration applies.
 Images are resized as at evaluation (short side 512 by default), segmented with slide inference
 and the labels mapped back to the original size.
 
@@ -88,41 +88,56 @@ def main(argv: Sequence[str] | None = None) -> int:
                  '(the checkpoint was trained without CLIP, e.g. on the synthetic set).')
 
   # Heavy imports after the cheap checks.
+  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from otseg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from otseg_jax import inference  # pylint: disable=g-import-not-at-top
+  from otseg_jax import models  # pylint: disable=g-import-not-at-top
+  from otseg_jax import params as params_lib  # pylint: disable=g-import-not-at-top
+  from otseg_jax import reports  # pylint: disable=g-import-not-at-top
   from otseg_jax import text_embeddings  # pylint: disable=g-import-not-at-top
-  from otseg_jax import trainer  # pylint: disable=g-import-not-at-top
+  from otseg_jax import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from otseg_jax.data import transforms  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import clip_weights  # pylint: disable=g-import-not-at-top
-  from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
 
-  model_config = otseg.get_config()
+  if 'trainable' not in model_dict:
+    # Written before the method seam (no method names its trainable parameters): an OTSeg
+    # checkpoint, whose `name` was its variant.
+    model_dict = dict(model_dict, name='otseg', variant=model_dict.get('name', 'voc'))
+  method = models.get_method(model_dict['name'])
+  model_config = method.get_config()
   model_config.update(ml_collections.ConfigDict(model_dict))
   try:
     templates = text_embeddings.read_templates(args.templates)
     text_embeddings.check_prompts(names, templates)
-    params = trainer.load_params_any(checkpoint)
+    params = params_lib.load_params_any(checkpoint)
     spec, clip_params = clip_weights.load_clip(clip_src)
-    tokenizer_src = clip_weights.tokenizer_source(clip_src, args.tokenizer)
-    tokenizer = clip_weights.load_tokenizer(tokenizer_src)
+    tokenizer_src = tokenizer_lib.tokenizer_source(clip_src, args.tokenizer)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_src)
   except (ValueError, FileNotFoundError) as e:
     parser.error(str(e))
-  text = text_embeddings.compute_text_embeddings(spec, clip_params, tokenizer, names, templates)
-  text_embeddings.check_text_embeddings(text, f'--clip {clip_src}', names)
-  if text.shape[-1] != model_config.backbone.output_dim:
-    parser.error(f'--clip {clip_src} embeds text in {text.shape[-1]} dimensions but the model in '
-                 f'{checkpoint} in {model_config.backbone.output_dim}: use the CLIP it was '
-                 'trained with.')
-  model = otseg.model_from_config(model_config)
+  # The class text input the method asks for, for the given names.
+  if model_config.text == 'tokens':
+    text_input = text_embeddings.class_tokens(tokenizer, names, model_config.text_template,
+                                              spec.context_length)
+  else:
+    text_input = text_embeddings.compute_text_embeddings(spec, clip_params, tokenizer, names,
+                                                         templates)
+    text_embeddings.check_text_embeddings(text_input, f'--clip {clip_src}', names)
+    if text_input.shape[-1] != model_config.backbone.output_dim:
+      parser.error(f'--clip {clip_src} embeds text in {text_input.shape[-1]} dimensions but the '
+                   f'model in {checkpoint} in {model_config.backbone.output_dim}: use the CLIP '
+                   'it was trained with.')
+  model = method.model_from_config(model_config)
   crop = args.crop or model_config.image_size
   stride = args.stride or stored.get('eval', {}).get('stride') or crop
   stride = min(stride, crop)
-  predictor = evaluate.SlideEvaluator(
-      model, params, text, np.zeros(len(names), bool), crop_size=crop, stride=stride,
-      batch_size=max(8, jax.local_device_count()), ensemble_weight=model_config.ensemble_weight,
-      calibration=0.0)
+  # Every class is new to the model: none is seen, so no seen-class calibration applies.
+  predictor = inference.SlideEvaluator(
+      model, params, models.encode_text(model, params, text_input), np.zeros(len(names), bool),
+      probabilities=functools.partial(method.eval_probabilities, config=model_config),
+      crop_size=crop, stride=stride, batch_size=max(8, jax.local_device_count()))
 
   def stream():
     for path in images:
@@ -136,13 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  evaluate.write_json(out / 'classes.json', {str(i): n for i, n in enumerate(names)})
+  reports.write_json(out / 'classes.json', {str(i): n for i, n in enumerate(names)})
   used = set()
   for (path, rgb), labels in predictor.predict(stream()):
     stem = path.stem if path.stem not in used else f'{path.stem}_{len(used)}'
     used.add(stem)
-    evaluate.write_png(out / f'{stem}_mask.png', labels.astype(np.uint8))
-    evaluate.write_png(out / f'{stem}_overlay.png', evaluate.overlay_panel(rgb, labels, names))
+    reports.write_png(out / f'{stem}_mask.png', labels.astype(np.uint8))
+    reports.write_png(out / f'{stem}_overlay.png', reports.overlay_panel(rgb, labels, names))
     counts = np.bincount(labels.ravel(), minlength=len(names)) / labels.size
     top = ', '.join(f'{names[k]} {100 * counts[k]:.0f}%' for k in np.argsort(-counts)[:3]
                     if counts[k] > 0)

@@ -14,13 +14,19 @@ import os
 import pathlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from absl import logging
 import jax
+import ml_collections
 import numpy as np
 
 from otseg_jax import classes as classes_lib
 from otseg_jax import cli
 from otseg_jax import files
+from otseg_jax import tokenizer as tokenizer_lib
+from otseg_jax.data import loading
+from otseg_jax.data import synthetic
 from otseg_jax.models import clip_weights
 
 
@@ -73,7 +79,7 @@ def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
 
   Args:
     spec, params: from `clip_weights.load_clip` (only `params['text']` is read).
-    tokenizer: from `clip_weights.load_tokenizer`.
+    tokenizer: from `tokenizer.load_tokenizer`.
     class_names: K names; templates: N strings with '{}'.
     batch_size: prompts per text-tower call (the last batch is padded, so one compilation).
     progress: show a progress bar.
@@ -83,7 +89,8 @@ def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
   """
   check_prompts(class_names, templates)
   texts = [t.format(name) for name in class_names for t in templates]
-  tokens = clip_weights.tokenize(tokenizer, texts, spec.context_length)
+  # Only up to the longest EOT: the causal tower's features do not depend on the padding.
+  tokens = truncate_tokens(tokenizer_lib.tokenize(tokenizer, texts, spec.context_length))
   model = spec.text_tower()
   encode = jax.jit(lambda p, ids: model.apply({'params': p}, ids))
   batch = min(batch_size, len(tokens))
@@ -98,6 +105,104 @@ def compute_text_embeddings(spec: clip_weights.CLIPSpec, params, tokenizer,
   feats = np.concatenate(feats)
   feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
   return feats.reshape(len(class_names), len(templates), -1).astype(np.float32)
+
+
+def load_text_embeddings(config: ml_collections.ConfigDict, class_names: Sequence[str],
+                         clip: tuple[clip_weights.CLIPSpec, Any] | None = None) -> np.ndarray:
+  """(K, N, C) float32 text embeddings of `class_names` (every class of the dataset).
+
+  From `config.text_embeddings` (.npy) if set; else computed with the CLIP text tower of
+  `config.clip` (`clip`: the run's `load_clip(config.clip)` if already loaded) over
+  `config.templates` (a template set name or file); else, for the synthetic dataset only, its own
+  embeddings. Refuses an array whose shape does not fit the dataset (class count) or the model
+  (prompt count, embedding width), naming both, before anything expensive runs.
+  """
+  source = config.text_embeddings
+  if source:
+    path = pathlib.Path(source).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f'config.text_embeddings={source!r}: no such file. Point it at a '
+                              f'(K, N, C) .npy of the {config.dataset} classes, or set it to \'\' to '
+                              'compute the embeddings with the CLIP text tower (config.clip).')
+    text = read_npy(path)
+  elif config.clip:
+    spec, clip_params = clip or clip_weights.load_clip(config.clip)
+    tokenizer = _tokenizer_of(config)
+    text = np.asarray(compute_text_embeddings(
+        spec, clip_params, tokenizer, list(class_names),
+        read_templates(config.templates)), np.float32)
+    source = f'CLIP {config.clip} with templates {config.templates}'
+  elif config.data.name == 'synthetic':
+    text = synthetic.text_embeddings(loading.synthetic_config(config)).astype(np.float32)
+    source = 'the synthetic dataset'
+  else:
+    raise ValueError('No text embeddings: set config.text_embeddings to a (K, N, C) .npy, or '
+                     'config.clip to CLIP weights to compute them.')
+  logging.info('Text embeddings %s from %s.', text.shape, source)
+  num_classes = len(class_names)
+  if text.ndim != 3:
+    raise ValueError(f'Text embeddings from {source} have shape {text.shape}; expected (K, N, C) '
+                     '= (classes, prompts, embedding dim).')
+  if text.shape[0] != num_classes:
+    raise ValueError(
+        f'Text embeddings from {source} have {text.shape[0]} classes but dataset '
+        f'{config.dataset!r} has {num_classes}: they belong to another dataset. Use the '
+        f'embeddings of {config.dataset} (e.g. --config.text_embeddings=\'\' to compute them).')
+  if text.shape[2] != config.model.backbone.output_dim:
+    raise ValueError(f'Text embeddings from {source} are {text.shape[2]}-dimensional but the image '
+                     f'tower embeds into {config.model.backbone.output_dim} '
+                     '(config.model.backbone.output_dim): they come from another CLIP.')
+  if text.shape[1] != config.model.num_prompts:
+    raise ValueError(f'Text embeddings from {source} have {text.shape[1]} prompts per class but '
+                     f'config.model.num_prompts={config.model.num_prompts}; set one to the other.')
+  check_text_embeddings(text, source, class_names)
+  return text
+
+
+def load_text_input(config: ml_collections.ConfigDict, class_names: Sequence[str],
+                    clip: tuple[clip_weights.CLIPSpec, Any] | None = None) -> np.ndarray:
+  """The class text input the method asks for (`config.model.text`), for every class.
+
+  'embeddings': (K, N, C) float32, `load_text_embeddings`. 'tokens': (K, L) int32 ids of
+  `config.model.text_template` filled with each name, for a prompt learner run through the frozen
+  text tower inside the model; L is the longest EOT position + 1 (`class_tokens`).
+  """
+  if config.model.text == 'embeddings':
+    return load_text_embeddings(config, class_names, clip)
+  if config.model.text == 'tokens':
+    if not config.clip:
+      raise ValueError('config.model.text=tokens needs config.clip: the tokenizer and the text '
+                       'tower the prompts go through.')
+    tokenizer = _tokenizer_of(config)
+    spec = clip[0] if clip else clip_weights.load_clip(config.clip)[0]
+    tokens = class_tokens(tokenizer, class_names, config.model.text_template,
+                          spec.context_length)
+    logging.info('Class tokens %s of %r.', tokens.shape, config.model.text_template)
+    return tokens
+  raise ValueError(f"config.model.text={config.model.text!r}: use 'embeddings' or 'tokens'.")
+
+
+def class_tokens(tokenizer, class_names: Sequence[str], template: str,
+                 context_length: int = 77) -> np.ndarray:
+  """(K, L) int32 ids of `template.format(name)`, cut after the longest EOT position.
+
+  The text tower is causal and pools at the EOT token, so the padding after the last EOT changes
+  nothing: running L tokens instead of the full context gives the same features.
+  """
+  check_prompts(class_names, [template])
+  tokens = tokenizer_lib.tokenize(tokenizer, [template.format(n) for n in class_names],
+                                  context_length)
+  return truncate_tokens(tokens)
+
+
+def truncate_tokens(tokens: np.ndarray) -> np.ndarray:
+  """(B, 77) ids -> (B, L), L = 1 + the largest EOT position (EOT is each row's largest id)."""
+  return tokens[:, :int(tokens.argmax(-1).max()) + 1]
+
+
+def _tokenizer_of(config: ml_collections.ConfigDict) -> Any:
+  return tokenizer_lib.load_tokenizer(
+      tokenizer_lib.tokenizer_source(config.clip, config.get('tokenizer')))
 
 
 def read_templates(arg: str) -> tuple[str, ...]:
@@ -165,7 +270,7 @@ def _parser() -> argparse.ArgumentParser:
                  'file.')
   p.add_argument('--tokenizer', default=None,
                  help='tokenizer directory or hub id (default: the --clip directory if it has '
-                 f'tokenizer files, else {clip_weights.DEFAULT_TOKENIZER}).')
+                 f'tokenizer files, else {tokenizer_lib.DEFAULT_TOKENIZER}).')
   which = p.add_mutually_exclusive_group(required=True)
   which.add_argument('--dataset', choices=classes_lib.dataset_names())
   which.add_argument('--classes', help='comma-separated class names, e.g. "cat,dog,tree".')
@@ -199,10 +304,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not args.out.endswith('.npy'):
     parser.error(f'--out {args.out!r} must end in .npy.')
 
-  tokenizer_src = clip_weights.tokenizer_source(args.clip, args.tokenizer)
+  tokenizer_src = tokenizer_lib.tokenizer_source(args.clip, args.tokenizer)
   try:
     spec, params = clip_weights.load_clip(args.clip)
-    tokenizer = clip_weights.load_tokenizer(tokenizer_src)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_src)
   except (FileNotFoundError, clip_weights.CheckpointError) as e:
     parser.error(str(e))
   print(f'{len(names)} classes x {len(templates)} templates, CLIP {args.clip}, '

@@ -12,6 +12,7 @@ import torch
 
 import clip_testing as ct
 from conftest import shared_path
+from otseg_jax import tokenizer as tokenizer_lib
 from otseg_jax.models import clip, clip_weights
 
 
@@ -97,7 +98,7 @@ def test_missing_paths_are_explained(tmp_path):
   with pytest.raises(FileNotFoundError, match='model.safetensors'):
     clip_weights.load_clip(tmp_path)
   with pytest.raises(FileNotFoundError, match='no tokenizer'):
-    clip_weights.load_tokenizer(tmp_path)
+    tokenizer_lib.load_tokenizer(tmp_path)
 
 
 def test_openai_checkpoint_problems_in_one_error(checkpoints, tmp_path):
@@ -186,11 +187,11 @@ def test_unsupported_hf_architecture_is_refused(tmp_path):
 def tokenizer(tmp_path_factory):
   directory = ct.write_clip_tokenizer_files(tmp_path_factory.mktemp('tok'),
                                             shared_path('clip_bpe', 'bpe_simple_vocab_16e6.txt.gz'))
-  return clip_weights.load_tokenizer(directory)
+  return tokenizer_lib.load_tokenizer(directory)
 
 
 def test_tokenize_known_ids(tokenizer):
-  ids = clip_weights.tokenize(tokenizer, ['a photo of a cat.', 'A  PHOTO of a cat.', ''])
+  ids = tokenizer_lib.tokenize(tokenizer, ['a photo of a cat.', 'A  PHOTO of a cat.', ''])
   assert ids.shape == (3, 77) and ids.dtype == np.int32
   np.testing.assert_array_equal(ids[0, :8], [49406, 320, 1125, 539, 320, 2368, 269, 49407])
   np.testing.assert_array_equal(ids[0], ids[1])  # lower-cased, whitespace collapsed
@@ -200,10 +201,10 @@ def test_tokenize_known_ids(tokenizer):
 
 
 def test_tokenize_truncates_with_eot_last(tokenizer):
-  ids = clip_weights.tokenize(tokenizer, ['dog ' * 200])
+  ids = tokenizer_lib.tokenize(tokenizer, ['dog ' * 200])
   assert ids.shape == (1, 77) and ids[0, 0] == ct.SOT and ids[0, -1] == ct.EOT
   assert ids[0].argmax() == 76
-  assert clip_weights.tokenize(tokenizer, []).shape == (0, 77)
+  assert tokenizer_lib.tokenize(tokenizer, []).shape == (0, 77)
 
 
 def test_tokenizer_source(tmp_path):
@@ -211,11 +212,11 @@ def test_tokenizer_source(tmp_path):
   for name in ('vocab.json', 'merges.txt'):
     (tmp_path / 'clip' / name).write_text('')
   (tmp_path / 'ViT-B-16.pt').write_bytes(b'')
-  source = clip_weights.tokenizer_source
+  source = tokenizer_lib.tokenizer_source
   assert source(tmp_path / 'clip') == str(tmp_path / 'clip')
   assert source(tmp_path / 'clip', 'my/tokenizer') == 'my/tokenizer'
   assert source('openai/clip-vit-large-patch14') == 'openai/clip-vit-large-patch14'
-  assert source(tmp_path / 'ViT-B-16.pt') == clip_weights.DEFAULT_TOKENIZER
+  assert source(tmp_path / 'ViT-B-16.pt') == tokenizer_lib.DEFAULT_TOKENIZER
 
 
 def test_clip_heads_disagreeing_with_the_config_stop_training(tmp_path):

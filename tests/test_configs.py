@@ -7,10 +7,11 @@ from ml_collections import config_flags
 import pytest
 
 from configs import cocostuff171, common, context59, cross_dataset, synthetic, tiny, voc12  # pylint: disable=g-multiple-import
+from otseg_jax import classes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-SETTINGS = ('inductive', 'transductive', 'fully_supervised')
+SETTINGS = classes.SETTINGS
 
 
 @pytest.mark.parametrize('module,steps,st_steps,crop,stride,tokens,prompts', [

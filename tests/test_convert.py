@@ -81,8 +81,7 @@ def test_cli_converts_an_mmseg_checkpoint(tmp_path, otseg_small, small_config):
   seen = np.arange(text.shape[0]) < 5
   fast = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
   probs = lambda p: otseg.eval_probabilities(
-      model.apply({'params': p}, images, text, train=False), seen, ensemble_weight=0.5,
-      calibration=0.1)
+      model.apply({'params': p}, images, text, train=False)[0], seen, small_config)
   out = jax.jit(probs, compiler_options=fast)(params)
   ref = otseg_small['out/eval_forward_test']
   assert np.abs(np.moveaxis(np.asarray(out), -1, 1) - ref).max() / np.abs(ref).max() < 2e-3

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from otseg_jax import evaluate
+from otseg_jax import metrics
+from otseg_jax import reports
 
 # A 2-image fixture with K = 3 classes, class 2 unseen, 255 ignored.
 LABEL_1 = np.array([[0, 0, 1, 255],
@@ -20,19 +21,19 @@ PRED_2 = np.array([[1, 2],
 
 def test_confusion_matrix_by_hand():
   # Image 1, (gt, pred) pairs of the 7 valid pixels: (0,0) (0,1) (1,1) (1,1) (2,2) (2,0) (2,2).
-  np.testing.assert_array_equal(evaluate.confusion_matrix(PRED_1, LABEL_1, 3),
+  np.testing.assert_array_equal(metrics.confusion_matrix(PRED_1, LABEL_1, 3),
                                 [[1, 1, 0], [0, 2, 0], [1, 0, 2]])
   # Image 2: (1,1) (1,2) (2,2); the ignored pixel predicted 2 does not count.
-  np.testing.assert_array_equal(evaluate.confusion_matrix(PRED_2, LABEL_2, 3),
+  np.testing.assert_array_equal(metrics.confusion_matrix(PRED_2, LABEL_2, 3),
                                 [[0, 0, 0], [0, 1, 1], [0, 0, 1]])
 
 
 def test_metrics_sum_over_the_split_by_hand():
-  confusion = (evaluate.confusion_matrix(PRED_1, LABEL_1, 3) +
-               evaluate.confusion_matrix(PRED_2, LABEL_2, 3))
+  confusion = (metrics.confusion_matrix(PRED_1, LABEL_1, 3) +
+               metrics.confusion_matrix(PRED_2, LABEL_2, 3))
   # Summed: [[1,1,0],[0,3,1],[1,0,3]].
   # IoU0 = 1 / (2 + 2 - 1) = 1/3; IoU1 = 3 / (4 + 4 - 3) = 3/5; IoU2 = 3 / (4 + 4 - 3) = 3/5.
-  results = evaluate.summarize(confusion, ['a', 'b', 'c'], unseen=[2])
+  results = metrics.summarize(confusion, ['a', 'b', 'c'], unseen=[2])
   iou = [row['iou'] for row in results['per_class']]
   np.testing.assert_allclose(iou, [100 / 3, 60, 60])
   seen, unseen = (100 / 3 + 60) / 2, 60.0
@@ -47,28 +48,28 @@ def test_metrics_sum_over_the_split_by_hand():
 
 def test_absent_class_is_left_out_and_no_split_means_no_hiou():
   # Class 2 neither in the labels nor predicted: NaN IoU, not counted in the means.
-  confusion = evaluate.confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), 3)
-  results = evaluate.summarize(confusion, ['a', 'b', 'c'], unseen=[])
+  confusion = metrics.confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 0]), 3)
+  results = metrics.summarize(confusion, ['a', 'b', 'c'], unseen=[])
   assert results['per_class'][2]['iou'] is None
   assert results['mIoU'] == pytest.approx((50 + 50) / 2)
   assert results['unseen_mIoU'] is None and results['hIoU'] is None
   # A class predicted but absent from the labels has IoU 0 and counts.
-  confusion = evaluate.confusion_matrix(np.array([2, 1]), np.array([0, 1]), 3)
-  results = evaluate.summarize(confusion, ['a', 'b', 'c'], unseen=[2])
+  confusion = metrics.confusion_matrix(np.array([2, 1]), np.array([0, 1]), 3)
+  results = metrics.summarize(confusion, ['a', 'b', 'c'], unseen=[2])
   assert results['per_class'][2]['iou'] == 0.0
   assert results['unseen_mIoU'] == 0.0 and results['hIoU'] == 0.0
 
 
 def test_shape_mismatch_is_refused():
   with pytest.raises(ValueError, match='resize the prediction'):
-    evaluate.confusion_matrix(np.zeros((2, 3)), np.zeros((3, 2)), 3)
+    metrics.confusion_matrix(np.zeros((2, 3)), np.zeros((3, 2)), 3)
 
 
 def test_reports_are_written(tmp_path):
-  confusion = (evaluate.confusion_matrix(PRED_1, LABEL_1, 3) +
-               evaluate.confusion_matrix(PRED_2, LABEL_2, 3))
-  results = evaluate.summarize(confusion, ['cat', 'dog', 'grass'], unseen=[2])
-  evaluate.write_report(results, tmp_path, title='fixture')
+  confusion = (metrics.confusion_matrix(PRED_1, LABEL_1, 3) +
+               metrics.confusion_matrix(PRED_2, LABEL_2, 3))
+  results = metrics.summarize(confusion, ['cat', 'dog', 'grass'], unseen=[2])
+  reports.write_report(results, tmp_path, title='fixture')
   assert json.loads((tmp_path / 'results.json').read_text())['hIoU'] == pytest.approx(
       results['hIoU'])
   table = (tmp_path / 'per_class.md').read_text()
@@ -83,11 +84,11 @@ def test_overlay_panel_and_palette():
   pred = np.zeros((4, 6), np.int64)
   label = np.full((4, 6), 255)
   label[0, 0] = 1
-  panel = evaluate.overlay_panel(image, pred, ['a', 'b'], label)
+  panel = reports.overlay_panel(image, pred, ['a', 'b'], label)
   # Enlarged x32 (short side at least 128), three panels side by side, a legend below.
   assert panel.shape[1] == 3 * 6 * 32 and panel.shape[0] > 4 * 32 and panel.dtype == np.uint8
   np.testing.assert_array_equal(panel[40, 2 * 192 + 40], image[1, 1])  # ignored label: image
-  colours = evaluate.palette(30)
+  colours = reports.palette(30)
   assert len({tuple(c) for c in colours[:30]}) == 30  # distinct class colours
 
 
@@ -112,8 +113,9 @@ def test_slide_evaluator_matches_reference_slide_inference():
   params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), text,
                                       train=False))()['params']
   seen = np.array([True, True, True, False, False])
-  evaluator = evaluate.SlideEvaluator(model, params, text, seen, crop_size=16, stride=8,
-                                      batch_size=4, ensemble_weight=0.5, calibration=0.1)
+  probabilities = lambda maps, seen: otseg.eval_probabilities(maps, seen, config)
+  evaluator = inference.SlideEvaluator(model, params, text, seen, probabilities=probabilities,
+                                       crop_size=16, stride=8, batch_size=4)
   # 3 x 4 overlapping windows, then a single window; 13 windows = 4 model calls of 4.
   images = [rng.normal(size=(32, 40, 3)).astype(np.float32),
             rng.normal(size=(16, 16, 3)).astype(np.float32)]
@@ -123,8 +125,7 @@ def test_slide_evaluator_matches_reference_slide_inference():
   assert sorted(got) == [0, 1]
 
   def encode_fn(x):
-    return inference.encode_decode(model, params, x, text, seen, ensemble_weight=0.5,
-                                   calibration=0.1)
+    return inference.encode_decode(model, params, x, text, seen, probabilities)
 
   for i, (image, size) in enumerate(zip(images, out_sizes)):
     predict = jax.jit(lambda x, size=size: inference.predict(encode_fn, x, crop=16, stride=8,

@@ -13,6 +13,8 @@ import pytest
 from otseg_jax import convert
 from otseg_jax import inference
 from otseg_jax import losses
+from otseg_jax import params as params_lib
+from otseg_jax.models import ot_layers
 from otseg_jax.models import otseg
 
 
@@ -96,8 +98,7 @@ def test_head_alone_matches_dump_exactly(otseg_small):
     dense = jnp.asarray(np.moveaxis(otseg_small['out/backbone_visual_embedding'], 1, -1))
     glob = jnp.asarray(otseg_small['out/backbone_global_embedding'])
     text = jnp.asarray(otseg_small['input/text_embeddings'][ref['seen_idx']])
-    out, state = jax.jit(lambda p: head.apply({'params': p}, dense, glob, text, train=False,
-                                              mutable=['intermediates']))(params)
+    out = jax.jit(lambda p: head.apply({'params': p}, dense, glob, text, train=False))(params)
   rel = lambda a, b: np.abs(np.asarray(a) - b).max() / np.abs(b).max()
   assert rel(out['q_proj'], otseg_small['out/train_q_proj']) < 1e-12
   assert rel(np.moveaxis(out['score'], -1, 1), otseg_small['out/train_score_lowres']) < 1e-12
@@ -105,7 +106,7 @@ def test_head_alone_matches_dump_exactly(otseg_small):
   b, h, w, k = out['decoder'].shape
   maps = np.moveaxis(np.reshape(out['layer_maps'], (3, b, h * w, k)), -1, 2)
   assert rel(maps, otseg_small['out/train_decoder_layer_attn']) < 1e-12
-  iters = [int(i) for i in otseg.sinkhorn_iterations(state['intermediates'])]
+  iters = [int(i) for i in out['sinkhorn_iterations']]
   assert iters == otseg_small['sinkhorn/train_iters'].tolist()
 
 
@@ -122,16 +123,18 @@ def test_forward_layout_and_unused_pieces_never_created():
   assert set(head['layers_1']) == {'multihead_attn'}
   assert set(head['layers_1']['multihead_attn']) == {'q', 'k'}
   assert head['q_proj']['kernel'].shape == (32, 16)
-  out = apply(model, params, images, text)
-  assert out['decoder'].shape == out['score'].shape == (2, 32, 32, 3)
-  assert out['decoder_lowres'].shape == out['score_lowres'].shape == (2, 4, 4, 3)
-  assert out['q_proj'].shape == (2, 3, 2, 16)
-  assert out['layer_maps'].shape == (2, 2, 4, 4, 3) and len(out['layer_queries']) == 1
-  np.testing.assert_allclose(np.linalg.norm(out['dense'], axis=-1), 1, rtol=1e-5)
+  maps, aux = apply(model, params, images, text)
+  assert set(maps) == {'decoder', 'score'}  # what the loss and the evaluation read
+  assert maps['decoder'].shape == maps['score'].shape == (2, 32, 32, 3)
+  assert aux['decoder_lowres'].shape == aux['score_lowres'].shape == (2, 4, 4, 3)
+  assert aux['q_proj'].shape == (2, 3, 2, 16)
+  assert aux['layer_maps'].shape == (2, 2, 4, 4, 3) and len(aux['layer_queries']) == 1
+  assert len(aux['sinkhorn_iterations']) == 3  # MPS path, then the two layers
+  np.testing.assert_allclose(np.linalg.norm(aux['dense'], axis=-1), 1, rtol=1e-5)
   # Non-square input: the maps follow the input size.
-  out = jax.eval_shape(lambda p: model.apply({'params': p}, images[:, :24], text, train=False),
-                       params)
-  assert out['decoder'].shape == (2, 24, 32, 3) and out['decoder_lowres'].shape == (2, 3, 4, 3)
+  maps, aux = jax.eval_shape(
+      lambda p: model.apply({'params': p}, images[:, :24], text, train=False), params)
+  assert maps['decoder'].shape == (2, 24, 32, 3) and aux['decoder_lowres'].shape == (2, 3, 4, 3)
   with pytest.raises(ValueError, match=r'expected \(K, N, 16\)'):
     jax.eval_shape(lambda p: model.apply({'params': p}, images, text[..., :8], train=False),
                    params)
@@ -140,28 +143,28 @@ def test_forward_layout_and_unused_pieces_never_created():
 def test_combine_layer_maps():
   rng = np.random.default_rng(1)
   a = [jnp.asarray(rng.normal(size=(2, 3, 3, 4)) * 3) for _ in range(3)]
-  np.testing.assert_array_equal(otseg.combine_layer_maps(a[:1]), a[0])
+  np.testing.assert_array_equal(ot_layers.combine_layer_maps(a[:1]), a[0])
   sig = lambda x: 1 / (1 + np.exp(-np.asarray(x, np.float64)))
   want = np.asarray(a[2]) * sig(a[0])**0.5 * sig(a[1])**0.5
-  np.testing.assert_allclose(otseg.combine_layer_maps(a), want, rtol=1e-5)
+  np.testing.assert_allclose(ot_layers.combine_layer_maps(a), want, rtol=1e-5)
   want = np.asarray(a[1]) * sig(a[0])
-  np.testing.assert_allclose(otseg.combine_layer_maps(a[:2]), want, rtol=1e-5)
+  np.testing.assert_allclose(ot_layers.combine_layer_maps(a[:2]), want, rtol=1e-5)
 
 
 def test_eval_probabilities_calibration():
   decoder = jnp.zeros((1, 2, 2, 3)) + jnp.array([0.0, 2.0, -2.0])
   score = jnp.zeros((1, 2, 2, 3)) + jnp.array([2.0, 0.0, 0.0])
   seen = np.array([True, False, True])
-  p = otseg.eval_probabilities({'decoder': decoder, 'score': score}, seen, ensemble_weight=0.5,
-                               calibration=0.1)
+  config = ml_collections.ConfigDict(dict(ensemble_weight=0.5, calibration=0.1))
+  p = otseg.eval_probabilities({'decoder': decoder, 'score': score}, seen, config)
   want = 1 / (1 + np.exp(-np.array([1.0, 1.0, -1.0]))) - np.array([0.1, 0, 0.1])
   np.testing.assert_allclose(p[0, 0, 0], want, rtol=1e-6)
-  p = otseg.eval_probabilities({'decoder': decoder}, seen, ensemble_weight=0.5, calibration=0.0)
+  config.calibration = 0.0
+  p = otseg.eval_probabilities({'decoder': decoder}, seen, config)
   np.testing.assert_allclose(p[0, 0, 0], 1 / (1 + np.exp(-np.array([0.0, 2.0, -2.0]))),
                              rtol=1e-6)
   with pytest.raises(ValueError, match='one flag per class'):
-    otseg.eval_probabilities({'decoder': decoder}, seen[:2], ensemble_weight=0.5,
-                             calibration=0.1)
+    otseg.eval_probabilities({'decoder': decoder}, seen[:2], config)
 
 
 def test_jit_and_vmap_over_the_batch():
@@ -169,7 +172,7 @@ def test_jit_and_vmap_over_the_batch():
   model = otseg.model_from_config(config)
   images, text, _ = tiny_inputs(batch=3)
   params = init(model, images, text)
-  apply = lambda p, x: model.apply({'params': p}, x, text, train=False)['decoder']
+  apply = lambda p, x: model.apply({'params': p}, x, text, train=False)[0]['decoder']
   batched = jax.jit(apply)(params, images)
   one_by_one = jax.jit(jax.vmap(lambda x: apply(params, x[None])[0]))(images)
   np.testing.assert_allclose(one_by_one, batched, rtol=1e-4, atol=1e-4 * np.abs(batched).max())
@@ -179,15 +182,13 @@ def _grads(config, dtype, *, dropout_rng=True, compiler_options=FAST_COMPILE):
   model = otseg.model_from_config(config, dtype=dtype)
   images, text, labels = tiny_inputs(dtype)
   params = init(model, images, text, dtype)
-  trainable, frozen = otseg.split_params(params)
+  trainable, frozen = params_lib.split_params(params, config.trainable)
 
   def loss_fn(trainable):
-    out = model.apply({'params': otseg.merge_params(trainable, frozen)}, images, text, train=True,
-                      rngs={'dropout': jax.random.key(1)} if dropout_rng else None)
-    if 'score' in out:
-      return losses.otseg_loss(out, labels)['total']
-    terms = losses.segmentation_loss(out['decoder'], labels)
-    return terms['loss_mask'] + terms['loss_dice']
+    maps, _ = model.apply({'params': params_lib.merge_params(trainable, frozen)}, images, text,
+                          train=True, rngs={'dropout': jax.random.key(1)} if dropout_rng else None)
+    # The loss the trainer uses, whatever maps the ablation leaves.
+    return losses.otseg_loss(maps, labels)['total']
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn), compiler_options=compiler_options)(trainable)
   assert np.isfinite(loss)
@@ -228,7 +229,7 @@ def test_trainable_mask_matches_the_reference(otseg_small):
   config = convert.config_from_reference(json.loads(str(otseg_small['config/json'])))
   sd = {k: v for k, v in otseg_small.items() if '/' not in k}
   params, unused = convert.params_from_state_dict(sd, config)
-  mask = traverse_util.flatten_dict(otseg.trainable_mask(params))
+  mask = traverse_util.flatten_dict(params_lib.trainable_mask(params, config.trainable))
   trainable = {p for p, m in mask.items() if m}
   assert {p for p in trainable if p[0] == 'backbone'} == {
       ('backbone', 'prompt_embeddings'), ('backbone', 'deep_prompt_embeddings'),
@@ -236,12 +237,15 @@ def test_trainable_mask_matches_the_reference(otseg_small):
       ('backbone', 'prompt_norm', 'scale'), ('backbone', 'prompt_norm', 'bias')}
   assert all(m == (p[0] == 'decode_head') for p, m in mask.items() if p[0] == 'decode_head'
              or 'prompt' not in ''.join(p))
+  # The regex config.trainable is the split the trainer made in code before it.
+  before = lambda path: 'decode_head' in path or any('prompt' in p for p in path)
+  assert all(m == before(p) for p, m in mask.items())
   # Every trainable tensor of the reference maps to a trainable leaf or is unused.
   ref_trainable = set(str(n) for n in otseg_small['info/trainable_params'])
   assert len(trainable) + len(ref_trainable & set(unused)) == len(ref_trainable)
-  a, b = otseg.split_params(params)
+  a, b = params_lib.split_params(params, config.trainable)
   assert traverse_util.flatten_dict(a).keys() == trainable
-  merged = otseg.merge_params(a, b)
+  merged = params_lib.merge_params(a, b)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
 
 
@@ -285,8 +289,9 @@ def test_encode_decode_is_the_calibrated_ensemble():
   images, text, _ = tiny_inputs(batch=1)
   params = init(model, images, text)
   seen = np.array([True, True, False])
-  probs, out = jax.jit(lambda p: (
-      inference.encode_decode(model, p, images, text, seen),
+  probabilities = lambda maps, seen: otseg.eval_probabilities(maps, seen, config)
+  probs, (out, _) = jax.jit(lambda p: (
+      inference.encode_decode(model, p, images, text, seen, probabilities),
       model.apply({'params': p}, images, text, train=False)))(params)
   want = jax.nn.sigmoid(0.5 * out['decoder'] + 0.5 * out['score']) - 0.1 * seen
   np.testing.assert_allclose(probs, want, rtol=1e-5, atol=1e-6)

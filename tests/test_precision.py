@@ -124,15 +124,15 @@ def test_bfloat16_model_stays_near_float32_on_the_dumps(name, request):
   all_idx = np.asarray(ref_cfg['all_idx'])
   text = jnp.asarray(dump['input/text_embeddings'][all_idx], jnp.float32)
   seen = np.isin(all_idx, np.asarray(ref_cfg['seen_idx']))
-  kw = dict(ensemble_weight=config.ensemble_weight, calibration=config.calibration)
+  probabilities = lambda maps, seen: otseg.eval_probabilities(maps, seen, config)
   images = jnp.asarray(np.moveaxis(dump['input/images'], 1, -1), jnp.float32)
-  outputs = jax.jit(lambda p, x: model.apply({'params': p}, x, text, train=False))(params, images)
-  assert outputs['decoder'].dtype == jnp.float32 and outputs['score'].dtype == jnp.float32
-  probs = otseg.eval_probabilities(outputs, seen, **kw)
+  maps, _ = jax.jit(lambda p, x: model.apply({'params': p}, x, text, train=False))(params, images)
+  assert maps['decoder'].dtype == jnp.float32 and maps['score'].dtype == jnp.float32
+  probs = probabilities(maps, seen)
   np.testing.assert_allclose(np.moveaxis(np.asarray(probs), -1, 1), dump['out/eval_forward_test'],
                              atol=0.05)
   image = jnp.asarray(np.moveaxis(dump['input/image_slide'], 1, -1), jnp.float32)
-  encode = lambda x: inference.encode_decode(model, params, x, text, seen, **kw)
+  encode = lambda x: inference.encode_decode(model, params, x, text, seen, probabilities)
   labels, _ = jax.jit(lambda x: inference.predict(encode, x, mode='slide', crop=ref_cfg['crop'],
                                                   stride=ref_cfg['stride']))(image)
   agreement = float(np.mean(np.asarray(labels) == dump['out/slide_argmax']))

@@ -9,6 +9,7 @@ import torch
 import clip_testing as ct
 from conftest import shared_path
 from otseg_jax import classes, text_embeddings
+from otseg_jax import tokenizer as tokenizer_lib
 from otseg_jax.models import clip_weights
 
 
@@ -105,10 +106,10 @@ def test_real_clip_reproduces_the_authors_voc_embeddings(tmp_path):
   """With real OpenAI ViT-B/16 weights, voc12 matches the authors' array (stored as float16)."""
   weights = os.environ['OTSEG_CLIP_WEIGHTS']
   spec, params = clip_weights.load_clip(weights)
-  tok_dir = weights if clip_weights.has_tokenizer_files(weights) else ct.write_clip_tokenizer_files(
+  tok_dir = weights if tokenizer_lib.has_tokenizer_files(weights) else ct.write_clip_tokenizer_files(
       tmp_path, shared_path('clip_bpe', 'bpe_simple_vocab_16e6.txt.gz'))
   voc = classes.get('voc12')
-  got = text_embeddings.compute_text_embeddings(spec, params, clip_weights.load_tokenizer(tok_dir),
+  got = text_embeddings.compute_text_embeddings(spec, params, tokenizer_lib.load_tokenizer(tok_dir),
                                                 voc.classes, classes.templates(voc.templates))
   want = np.load(shared_path('text_embeddings', 'voc12_otseg.npy')).astype(np.float32)
   np.testing.assert_allclose(got, want, atol=2e-3)

@@ -53,8 +53,8 @@ def _check(proc):
 
 def _params(workdir):
   from flax import traverse_util
-  from otseg_jax import trainer
-  flat = traverse_util.flatten_dict(trainer.load_params_any(workdir))
+  from otseg_jax import params
+  flat = traverse_util.flatten_dict(params.load_params_any(workdir))
   return {'/'.join(k): np.asarray(v) for k, v in flat.items()}
 
 
@@ -129,8 +129,10 @@ def test_training_starts_from_converted_clip_and_computes_text_embeddings(tmp_pa
   import clip_testing as ct
   from conftest import shared_path
   from flax import traverse_util
-  from otseg_jax import checkpoint, text_embeddings, trainer
-  from otseg_jax.data import synthetic
+  from otseg_jax import checkpoint, text_embeddings
+  from otseg_jax.data import loading, synthetic
+  from otseg_jax import tokenizer as tokenizer_lib
+  from otseg_jax.models import clip_weights
   from configs import tiny
 
   hf_dir = tmp_path / 'hf'
@@ -149,16 +151,16 @@ def test_training_starts_from_converted_clip_and_computes_text_embeddings(tmp_pa
   # The embeddings are those of the text tower, from the converted checkpoint or the HF directory.
   config = tiny.get_config()
   config.templates = str(templates)
-  names = synthetic.load_split('train', trainer.synthetic_config(config)).classes.classes
+  names = synthetic.load_split('train', loading.synthetic_config(config)).classes.classes
   config.clip = str(converted)
-  text = trainer.load_text_embeddings(config, names)
-  spec, towers = trainer.clip_weights.load_clip(hf_dir)
+  text = text_embeddings.load_text_embeddings(config, names)
+  spec, towers = clip_weights.load_clip(hf_dir)
   expected = text_embeddings.compute_text_embeddings(
-      spec, towers, trainer.clip_weights.load_tokenizer(hf_dir), list(names),
+      spec, towers, tokenizer_lib.load_tokenizer(hf_dir), list(names),
       text_embeddings.read_templates(str(templates)))
   assert text.shape == (12, 4, 32)
   np.testing.assert_allclose(text, expected, rtol=1e-5, atol=1e-6)
-  own = synthetic.text_embeddings(trainer.synthetic_config(config))
+  own = synthetic.text_embeddings(loading.synthetic_config(config))
   assert np.abs(text - own).max() > 0.1
 
   workdir = tmp_path / 'run'
@@ -231,6 +233,7 @@ import grain
 import numpy as np
 from configs import tiny
 from otseg_jax import trainer
+from otseg_jax.data import loading
 
 class Poisoned(grain.DatasetIterator):
   """The real iterator, with NaN images from the 7th batch on."""
@@ -247,8 +250,8 @@ class Poisoned(grain.DatasetIterator):
   def set_state(self, state):
     self.inner.set_state(state)
 
-make = trainer.make_train_iterator
-trainer.make_train_iterator = lambda *a, **k: Poisoned(make(*a, **k))
+make = loading.make_train_iterator
+loading.make_train_iterator = lambda *a, **k: Poisoned(make(*a, **k))
 config = tiny.get_config()
 config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 12, 2, 100
 config.eval_every_steps, config.model.head.decoder_layers = -1, 1

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import tiny, voc12  # pylint: disable=g-multiple-import
-from otseg_jax import evaluate, trainer
+from otseg_jax import evaluate, params, trainer
+from otseg_jax.data import loading
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_bad_config_values(tmp_path):
   config = tiny.get_config()
   config.data.shards = 3
   with pytest.raises(ValueError, match='config.data.shards=3 .* divide config.batch_size=8'):
-    trainer.make_train_iterator(config, trainer.load_data_split(config, 'train'))
+    loading.make_train_iterator(config, loading.load_data_split(config, 'train'))
   config = tiny.get_config()
   config.num_train_steps = 0
   with pytest.raises(ValueError, match='num_train_steps=0 must be positive'):
@@ -58,7 +59,7 @@ def test_missing_checkpoint(tmp_path):
     evaluate.evaluate_checkpoint(tiny.get_config(), str(tmp_path / 'nothing'))
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match='holds no parameters'):
-    trainer.load_params_any(tmp_path / 'empty')
+    params.load_params_any(tmp_path / 'empty')
 
 
 def test_train_py_refuses_an_unknown_config_field(tmp_path):

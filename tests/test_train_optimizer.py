@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from otseg_jax import trainer
+from otseg_jax.models import otseg
 
 RULES = (('backbone', 10.0, None), ('head', 10.0, None), ('norm', None, 0.0), ('ln', None, 0.0))
 
@@ -87,12 +88,12 @@ def test_pseudo_labels():
                          [0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 5.0, 0.0]]]])  # (1, 1, 4, 4)
   score = jnp.zeros_like(decoder)
   labels = jnp.array([[[2, 3, 1, 255]]])
-  out = trainer.pseudo_labels({'decoder': decoder, 'score': score}, labels, seen=np.array([0, 1]),
-                              unseen=np.array([2, 3]))
+  seen = np.array([True, True, False, False])
+  config = otseg.get_config()  # pseudo_label_balance 0.5
+  out = otseg.pseudo_labels({'decoder': decoder, 'score': score}, labels, seen, config)
   # Pixel 0: the seen class 0 has the highest logit but seen channels are excluded -> 2.
   # Pixel 1 -> 3. Seen and ignored pixels keep their labels.
   np.testing.assert_array_equal(out, [[[2, 3, 1, 255]]])
   # The score map counts with weight 0.5.
-  out = trainer.pseudo_labels({'decoder': decoder, 'score': -4 * decoder}, labels,
-                              seen=np.array([0, 1]), unseen=np.array([2, 3]))
+  out = otseg.pseudo_labels({'decoder': decoder, 'score': -4 * decoder}, labels, seen, config)
   np.testing.assert_array_equal(out, [[[3, 2, 1, 255]]])

@@ -7,7 +7,9 @@ Label value 255 means "ignore" everywhere and is never changed.
 
 import numpy as np
 
-IGNORE = 255
+from otseg_jax import classes
+
+IGNORE = classes.IGNORE_INDEX
 
 # mmseg's `tools/dataset_converters/coco_stuff164k.py` (`clsID_to_trID`): raw stuffthingmaps id
 # (0-181, 91 thing + 91 stuff ids of which 11 thing ids are unused) -> train id (0-170).

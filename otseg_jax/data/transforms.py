@@ -26,9 +26,11 @@ import dataclasses
 import cv2
 import numpy as np
 
+from otseg_jax import classes
+
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
-IGNORE = 255
+IGNORE = classes.IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

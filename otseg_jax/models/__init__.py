@@ -1,0 +1,46 @@
+"""The models: CLIP towers (`clip`), the OT layers (`ot_layers`), and one module per method.
+
+A method module (`otseg` today) offers the same few things, with no base class:
+  get_config(arg)                         its model config (config.model), with
+    .name                                 the method: 'otseg' -> otseg_jax.models.otseg, or a
+                                          dotted module path ('tests.linear_probe_method')
+    .trainable                            regex over parameter paths: the trained parameters
+    .text                                 the class text it asks for: 'embeddings' (a fixed
+                                          (K, N, C) array) or 'tokens' (tokenized class names,
+                                          for a prompt learner inside the model)
+    .clip_towers, .dont_load              {subtree: CLIP tower} the parameters start from
+  model_from_config(config)               the linen model, whose
+    encode_text(text_input, *, train)     gives the class text the forward reads, and
+    __call__(images, text, *, train)      returns (maps, aux): the logit maps the loss and the
+                                          evaluation read, and the intermediates
+  eval_probabilities(maps, seen, config)  (B, H, W, K) probabilities for the argmax
+  pseudo_labels(maps, labels, seen, config)  transductive self-training targets
+The loss is named in the config (`config.loss.name`, a function of `otseg_jax.losses`).
+"""
+
+import importlib
+import types
+from typing import Any
+
+import jax
+
+
+def get_method(name: str) -> types.ModuleType:
+  """The method module of `config.model.name`, as big_vision's train.py picks its model."""
+  return importlib.import_module(name if '.' in name else f'otseg_jax.models.{name}')
+
+
+def init(model: Any, rngs: Any, images: jax.Array, text_input: Any) -> Any:
+  """`model.init` through `encode_text` and `__call__`, so that both create their parameters."""
+
+  def text_then_images(module, images, text_input):
+    return module(images, module.encode_text(text_input, train=False), train=False)
+
+  return model.init(rngs, images, text_input, method=text_then_images)
+
+
+def encode_text(model: Any, params: Any, text_input: Any) -> jax.Array:
+  """The class text of eval and predict, computed once for all classes and reused by every
+  window: `model.encode_text` in eval mode."""
+  return jax.jit(lambda p, t: model.apply({'params': p}, t, train=False,
+                                          method='encode_text'))(params, text_input)

@@ -465,16 +465,24 @@ class TextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, token_ids: jax.Array) -> jax.Array:
-    """token_ids (B, L) int (L <= context_length, EOT the row maximum) -> (B, C), unnormalised."""
+  def __call__(self, token_ids: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    """token_ids (B, L) int (L <= context_length, EOT the row maximum) -> (B, C), unnormalised.
+
+    context: (T, width) or (B, T, width) learned vectors (CoOp) that replace the embeddings of the
+    T tokens after SOT (the template's placeholders); None: the tokens' own embeddings.
+    """
     if token_ids.ndim != 2 or token_ids.shape[1] > self.context_length:
       raise ValueError(f'TextTransformer expects token ids (B, L) with L <= {self.context_length}, '
-                       f'got shape {token_ids.shape}; tokenize with clip_weights.tokenize.')
+                       f'got shape {token_ids.shape}; tokenize with tokenizer.tokenize.')
     if not jnp.issubdtype(token_ids.dtype, jnp.integer):
       raise ValueError(f'Token ids must be integers, got {token_ids.dtype}.')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, l = token_ids.shape
     x = nn.Embed(self.vocab_size, self.width, name='token_embedding', **kw)(token_ids)
+    if context is not None:
+      t = context.shape[-2]
+      context = jnp.broadcast_to(context, (b, t, self.width)).astype(x.dtype)
+      x = jnp.concatenate([x[:, :1], context, x[:, 1 + t:]], axis=1)
     pos = self.param('positional_embedding', nn.initializers.normal(0.01),
                      (self.context_length, self.width), self.param_dtype)
     x = x + pos[:l].astype(self.dtype)

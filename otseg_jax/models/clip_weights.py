@@ -1,4 +1,4 @@
-"""CLIP weights (OpenAI .pt, HF directories / hub ids) into the trees of `clip.py`; the tokenizer.
+"""CLIP weights (OpenAI .pt, HF directories / hub ids, converted directories) into the trees of `clip.py`.
 
 OpenAI state-dict names are the common currency: `visual_params_from_state_dict` and
 `text_params_from_state_dict` map them to our trees, and the HF path first renames HF tensors to
@@ -34,9 +34,8 @@ from otseg_jax.models import clip
 from otseg_jax.models.clip import CLIPSpec
 
 __all__ = ['CLIPSpec', 'CheckpointError', 'check_backbone_config', 'clip_from_state_dict',
-           'has_tokenizer_files', 'load_clip', 'load_state_dict', 'load_tokenizer',
-           'looks_like_hub_id', 'positional_embedding_for', 'read_torchscript_archive',
-           'resize_positional_embedding', 'text_params_from_state_dict', 'tokenize',
+           'load_clip', 'load_state_dict', 'looks_like_hub_id', 'positional_embedding_for',
+           'read_torchscript_archive', 'resize_positional_embedding', 'text_params_from_state_dict',
            'visual_params_from_state_dict']
 
 Params = dict[str, Any]
@@ -870,63 +869,3 @@ def load_clip(path_or_hub_id, image_size: int | Sequence[int] | None = None
   if path.is_dir():
     return _load_hf_dir(path, image_size)
   return clip_from_state_dict(load_state_dict(path), image_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer.
-
-
-# OpenAI's CLIP BPE, the same for every OpenAI CLIP model.
-DEFAULT_TOKENIZER = 'openai/clip-vit-base-patch16'
-
-
-def tokenizer_source(clip_source, tokenizer=None) -> str:
-  """Where the tokenizer of `clip_source` comes from: `tokenizer` if given, else the CLIP
-  directory when it holds tokenizer files, else the CLIP hub repo, else `DEFAULT_TOKENIZER`."""
-  if tokenizer:
-    return str(tokenizer)
-  path = pathlib.Path(os.path.expanduser(str(clip_source)))
-  if has_tokenizer_files(path):
-    return str(path)
-  if not path.exists() and looks_like_hub_id(str(clip_source)):
-    return str(clip_source)  # hub CLIP repos ship their tokenizer
-  return DEFAULT_TOKENIZER
-
-
-def has_tokenizer_files(directory) -> bool:
-  d = pathlib.Path(directory)
-  return d.is_dir() and ((d / 'vocab.json').is_file() and (d / 'merges.txt').is_file()
-                         or (d / 'tokenizer.json').is_file())
-
-
-def load_tokenizer(path_or_hub_id):
-  """transformers' `CLIPTokenizer` from a directory (vocab.json + merges.txt) or a hub id."""
-  import transformers
-  path = pathlib.Path(os.path.expanduser(str(path_or_hub_id)))
-  if path.exists():
-    if not has_tokenizer_files(path):
-      raise FileNotFoundError(f'{path} holds no tokenizer (vocab.json + merges.txt or '
-                              "tokenizer.json); pass --tokenizer openai/clip-vit-base-patch16.")
-    return transformers.CLIPTokenizer.from_pretrained(str(path))
-  if not looks_like_hub_id(str(path_or_hub_id)):
-    raise FileNotFoundError(f'{path}: no such tokenizer directory.')
-  return transformers.CLIPTokenizer.from_pretrained(str(path_or_hub_id))
-
-
-def tokenize(tokenizer, texts: Sequence[str], context_length: int = 77) -> np.ndarray:
-  """(B, context_length) int32 ids: SOT, BPE ids, EOT, then padding; truncated to fit, EOT last.
-
-  HF's CLIP tokenizer pads with '<|endoftext|>' (49407, the largest id). Pooling at
-  argmax(ids) takes the first maximum, i.e. the real EOT, as with OpenAI's zero padding.
-  """
-  texts = list(texts)
-  if not texts:
-    return np.zeros((0, context_length), np.int32)
-  ids = tokenizer(texts, padding='max_length', max_length=context_length, truncation=True,
-                  return_tensors='np')['input_ids'].astype(np.int32)
-  eot = tokenizer.eos_token_id
-  first_max = ids[np.arange(len(ids)), ids.argmax(-1)]
-  if ids.shape[1] != context_length or np.any(first_max != eot):
-    raise ValueError('Tokenizer output unusable for CLIP: every row must be padded to '
-                     f'{context_length} with EOT ({eot}) as its largest id.')
-  return ids

@@ -1,5 +1,11 @@
 """OTSeg: VPT-CLIP image tower + relationship descriptor + MPS path + MPSA decoder.
 
+A method module (`config.model.name = 'otseg'`): `get_config`, `model_from_config` (the linen
+`OTSeg`, whose `__call__` returns `(maps, aux)` and whose `encode_text` gives the class text),
+`eval_probabilities` and `pseudo_labels`. Its config names the rest: the trained parameters
+(`trainable`, a regex over parameter paths), the class text it asks for (`text`), the CLIP towers
+it starts from (`clip_towers`); the loss is `config.loss.name` of `otseg_jax.losses`.
+
 Everything is channels-last. Letters in shapes and einsum strings:
   B batch, K classes, N prompts per class, C embedding dim, M = h*w feature-map pixels,
   (h, w) token grid, (H, W) image size, L decoder layers.
@@ -8,25 +14,24 @@ Module names mirror the authors' mmseg state dict (`backbone.*`, `decode_head.q_
 `decode_head.decoder_1.layers.{i}.multihead_attn.{q,k,v,proj}`, `norm2`, `norm3`, `linear1`,
 `linear2`) so that `otseg_jax.convert` is a rename plus transpose.
 
-The reusable pieces for other methods (ZegOT, MVP-SEG, LDVC) are the module-level functions
-(`l2_normalize`, `transport_map`, `combine_layer_maps`, `eval_probabilities`,
-`sinkhorn_iterations`, `trainable_mask`, `split_params`, `merge_params`) and the layer modules.
-A variant writes its own head and segmentor module next to this one, reusing
-`clip.VisionTransformer`, `ot.sinkhorn_plan`, the losses and the trainer.
+The OT layers (transport map, Sinkhorn attention, decoder layer, layer-map combination) live in
+`ot_layers`, shared with the variants (ZegOT, MVP-SEG, LDVC), which write their own method module
+next to this one.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from otseg_jax import image_ops
 from otseg_jax import ot
 from otseg_jax.models import clip
+from otseg_jax.models import ot_layers
 
 Dtype = Any
 
@@ -39,7 +44,18 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
       8 prompts). Only the model fields differ; datasets and schedules live in the train configs.
   """
   config = ml_collections.ConfigDict()
-  config.name = name
+  config.name = 'otseg'  # The method: otseg_jax.models.otseg.
+  config.variant = name
+  # Trained parameters, searched in the '/'-joined path: the reference's
+  # `_freeze_stages(exclude_key='prompt')` (prompt_embeddings, deep_prompt_embeddings, prompt_proj,
+  # prompt_norm) and the whole decode head; the rest of the image tower is frozen.
+  config.trainable = r'(^|/)decode_head/|prompt'
+  # The class text is an input: the (K, N, C) embeddings ('embeddings'), not learned.
+  config.text = 'embeddings'
+  # CLIP towers the parameters start from ({subtree: CLIP tower}) and the paths CLIP does not
+  # provide (the new prompts).
+  config.clip_towers = {'backbone': 'visual'}
+  config.dont_load = 'prompt'
   # Crop size S: the backbone's positional grid is resized to S/patch at load time.
   config.image_size = 512
   config.backbone = ml_collections.ConfigDict(dict(
@@ -75,6 +91,8 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
   # Eval: sigmoid(w * decoder + (1 - w) * score), minus `calibration` on the seen channels.
   config.ensemble_weight = 0.5
   config.calibration = 0.1  # 0.1 inductive; set 0 for transductive / fully supervised.
+  # Transductive pseudo-labels: sigmoid(b * score + (1 - b) * decoder).
+  config.pseudo_label_balance = 0.5
 
   if name == 'voc':
     pass
@@ -145,248 +163,67 @@ def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions shared by OTSeg and its variants.
+# What the trainer and the evaluator ask of a method, besides the model: eval probabilities and
+# transductive pseudo-labels. Both read the model config.
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """`F.normalize`: x / max(||x||, eps) along `axis`."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, eps)
-
-
-def transport_map(pixels: jax.Array, prompts: jax.Array, ot_config: ml_collections.ConfigDict
-                  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-  """Sinkhorn between the M pixels and the N prompts of each (image, class).
-
-  Args:
-    pixels: (B, M, C), L2-normalised.
-    prompts: (B, K, N, C), L2-normalised.
-    ot_config: see `ot.get_config`.
-
-  Returns:
-    plan: (B, K, M, N), one plan per (b, k), each summing to 1 (columns to 1/N).
-    score: (B, M, K), sum_n M * N * plan * sim: the map of the MPS path and of each MPSA layer.
-    info: the solver's diagnostics (`ot.sinkhorn_plan_with_info`), e.g. 'iterations'.
-  """
-  m, n = pixels.shape[1], prompts.shape[2]
-  sim = jnp.einsum('bmc,bknc->bkmn', pixels, prompts)
-  # One call over all B*K problems: the reference's batch-wide stopping rule sees them together.
-  plan, info = ot.sinkhorn_plan_with_info(1.0 - sim, ot_config)
-  score = (m * n) * jnp.einsum('bkmn,bkmn->bmk', plan, sim)
-  return plan, score, info
-
-
-def combine_layer_maps(maps: Sequence[jax.Array]) -> jax.Array:
-  """A_L * prod_{l<L} sigmoid(A_l)^(1/(L-1)): the decoder-path logits.
-
-  Args:
-    maps: L arrays (B, h, w, K), the per-layer maps in layer order.
-
-  Returns:
-    (B, h, w, K). With L = 1 the last map itself (the product is empty).
-  """
-  *earlier, last = maps
-  if not earlier:
-    return last
-  # exp(log_sigmoid / (L-1)) == sigmoid^(1/(L-1)), without the infinite derivative of the root
-  # at sigmoid -> 0.
-  gate = jnp.exp(sum(jax.nn.log_sigmoid(a) for a in earlier) / len(earlier))
-  return last * gate
-
-
-def eval_probabilities(outputs: Mapping[str, jax.Array], seen: jax.Array, *,
-                       ensemble_weight: float, calibration: float) -> jax.Array:
+def eval_probabilities(maps: Mapping[str, jax.Array], seen: jax.Array,
+                       config: ml_collections.ConfigDict) -> jax.Array:
   """Ensembled, calibrated class probabilities (the reference's `semantic_inference`).
 
   Args:
-    outputs: 'decoder' (B, H, W, K) logits and, with the MPS path, 'score' (B, H, W, K) logits.
+    maps: 'decoder' (B, H, W, K) logits and, with the MPS path, 'score' (B, H, W, K) logits.
     seen: (K,) bool, the classes seen in training.
-    ensemble_weight: w in sigmoid(w * decoder + (1 - w) * score).
-    calibration: subtracted from the probabilities of seen classes (0.1 inductive, else 0).
+    config: the model config: `ensemble_weight` w in sigmoid(w * decoder + (1 - w) * score),
+      `calibration` subtracted from the probabilities of seen classes (0.1 inductive, else 0).
 
   Returns:
     (B, H, W, K) shifted probabilities; argmax over K gives the label.
   """
-  logits = outputs['decoder']
-  if 'score' in outputs:
-    logits = ensemble_weight * logits + (1.0 - ensemble_weight) * outputs['score']
+  logits = maps['decoder']
+  if 'score' in maps:
+    w = config.ensemble_weight
+    logits = w * logits + (1.0 - w) * maps['score']
   seen = jnp.asarray(seen, bool)
   if seen.shape != (logits.shape[-1],):
     raise ValueError(f'seen mask has shape {seen.shape}, expected ({logits.shape[-1]},): one '
                      'flag per class of the text array.')
-  return jax.nn.sigmoid(logits) - calibration * seen.astype(logits.dtype)
+  return jax.nn.sigmoid(logits) - config.calibration * seen.astype(logits.dtype)
 
 
-def sinkhorn_iterations(intermediates: Mapping[str, Any]) -> list[jax.Array]:
-  """Solver iteration counts of one forward, in call order: MPS path, then layers 0..L-1.
+def pseudo_labels(maps: Mapping[str, jax.Array], labels: jax.Array, seen: np.ndarray,
+                  config: ml_collections.ConfigDict) -> jax.Array:
+  """Transductive self-training targets (spec section 7).
+
+  Pixels whose ground truth is an unseen class get argmax_k of sigmoid(b * score + (1 - b) *
+  decoder), b = config.pseudo_label_balance, with the seen channels set to -1 (so always an unseen
+  class), computed without gradient; every other pixel keeps its label (seen classes by global
+  index, 255 ignore).
 
   Args:
-    intermediates: the 'intermediates' collection of `OTSeg.apply(..., mutable=['intermediates'])`
-      (or of `OTSegHead`).
+    maps: 'decoder' and 'score' (B, H, W, K) logits of the training forward (dropout on, as the
+      reference computes them).
+    labels: (B, H, W) int, global class ids (0..K-1) or 255.
+    seen: (K,) bool numpy, the seen classes.
+    config: the model config.
+
+  Returns:
+    (B, H, W) int32.
   """
-  head = intermediates.get('decode_head', intermediates)
-  counts = list(head.get('sinkhorn_iterations', ()))
-  layers = sorted((k for k in head if k.startswith('layers_')), key=lambda k: int(k[7:]))
-  for name in layers:
-    counts += list(head[name]['multihead_attn']['sinkhorn_iterations'])
-  return counts
-
-
-def _is_trainable(path: tuple[str, ...]) -> bool:
-  return 'decode_head' in path or any('prompt' in p for p in path)
-
-
-def trainable_mask(params: Mapping[str, Any]) -> Any:
-  """Pytree of bools like `params`: True for the trainable leaves.
-
-  Trainable, as the reference's `_freeze_stages(exclude_key='prompt')`: every parameter whose
-  path contains 'prompt' (prompt_embeddings, deep_prompt_embeddings, prompt_proj, prompt_norm)
-  and the whole decode head. The rest of the backbone is frozen.
-
-  How the trainer differentiates only the trainable part (frozen leaves never get a gradient,
-  and the optimizer state only holds the trainable ones):
-
-    trainable, frozen = split_params(params)
-    def loss_fn(trainable):
-      outputs = model.apply({'params': merge_params(trainable, frozen)}, ...)
-      return otseg_loss(outputs, labels)['total']
-    grads = jax.grad(loss_fn)(trainable)   # same tree as `trainable`
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-  """
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: _is_trainable(k) for k in flat})
-
-
-def split_params(params: Mapping[str, Any]) -> tuple[dict, dict]:
-  """(trainable, frozen): two nested dicts partitioning `params` by `trainable_mask`."""
-  flat = traverse_util.flatten_dict(params)
-  trainable = {k: v for k, v in flat.items() if _is_trainable(k)}
-  frozen = {k: v for k, v in flat.items() if not _is_trainable(k)}
-  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-  """Inverse of `split_params`."""
-  flat = traverse_util.flatten_dict(frozen)
-  flat.update(traverse_util.flatten_dict(trainable))
-  return traverse_util.unflatten_dict(flat)
+  logits = maps['decoder']
+  if 'score' in maps:
+    b = config.pseudo_label_balance
+    logits = b * maps['score'] + (1.0 - b) * logits
+  probs = jax.nn.sigmoid(jax.lax.stop_gradient(logits))
+  seen = np.asarray(seen, bool)
+  probs = jnp.where(jnp.asarray(seen), -1.0, probs)
+  pseudo = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  is_unseen_px = jnp.isin(labels, jnp.asarray(np.flatnonzero(~seen).astype(np.int32)))
+  return jnp.where(is_unseen_px, pseudo, labels.astype(jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
-# Layers.
-
-
-def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-  # The head's init_weights: trunc_normal(0.02) weights, zero biases.
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=nn.initializers.truncated_normal(0.02))
-
-
-def _at_least_f32(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-  # torch.nn.LayerNorm: eps 1e-5, two-pass variance; in float32 at least under bfloat16.
-  nd = None if dtype is None else jnp.promote_types(dtype, jnp.float32)
-  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=nd, name=name)
-
-
-class AttentionOT(nn.Module):
-  """MPSA: cross-attention whose weights are a Sinkhorn plan (the reference's `AttentionOT`).
-
-  Single head over the full C (the reference accepts num_heads but never splits or scales).
-  """
-  embed_dims: int
-  ot_config: Any
-  dropout: float = 0.0
-  with_output: bool = True  # False: only q and k exist and only the map is returned.
-  dtype: Dtype = None
-
-  @nn.compact
-  def __call__(self, queries: jax.Array, pixels: jax.Array, *,
-               train: bool) -> tuple[jax.Array | None, jax.Array]:
-    """queries (B, K, N, C), pixels (B, M, C) -> (output (B, K, N, C) or None, map (B, M, K))."""
-    q = l2_normalize(_at_least_f32(_dense(self.embed_dims, self.dtype, 'q')(queries)))
-    k = l2_normalize(_at_least_f32(_dense(self.embed_dims, self.dtype, 'k')(pixels)))
-    plan, attn_map, info = transport_map(k, q, self.ot_config)
-    self.sow('intermediates', 'sinkhorn_iterations', info['iterations'])
-    if not self.with_output:
-      return None, attn_map
-    v = _dense(self.embed_dims, self.dtype, 'v')(pixels)
-    plan = nn.Dropout(self.dropout)(plan, deterministic=not train)
-    # Columns of the plan sum to 1/N, so this is an average scaled by 1/N (reference quirk).
-    out = jnp.einsum('bkmn,bmc->bknc', plan, v)
-    return _dense(self.embed_dims, self.dtype, 'proj')(out), attn_map
-
-
-class SoftmaxCrossAttention(nn.Module):
-  """Ablation: ZegCLIP-style multi-head softmax cross-attention over the pixels.
-
-  The map of a class is the pre-softmax scaled logits, averaged over heads and prompts.
-  """
-  embed_dims: int
-  num_heads: int
-  dropout: float = 0.0
-  with_output: bool = True
-  dtype: Dtype = None
-
-  @nn.compact
-  def __call__(self, queries: jax.Array, pixels: jax.Array, *,
-               train: bool) -> tuple[jax.Array | None, jax.Array]:
-    """queries (B, K, N, C), pixels (B, M, C) -> (output (B, K, N, C) or None, map (B, M, K))."""
-    b, k_, n, c = queries.shape
-    if c % self.num_heads:
-      raise ValueError(f'embed_dims {c} is not divisible by num_heads {self.num_heads}.')
-    d = c // self.num_heads
-    q = _dense(c, self.dtype, 'q')(queries).reshape(b, k_, n, self.num_heads, d)
-    k = _dense(c, self.dtype, 'k')(pixels).reshape(b, -1, self.num_heads, d)
-    logits = _at_least_f32(jnp.einsum('bknhd,bmhd->bknhm', q, k)) * d**-0.5
-    attn_map = jnp.einsum('bknhm->bmk', logits) / (n * self.num_heads)
-    if not self.with_output:
-      return None, attn_map
-    v = _dense(c, self.dtype, 'v')(pixels).reshape(b, -1, self.num_heads, d)
-    weights = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=not train)
-    out = jnp.einsum('bknhm,bmhd->bknhd', weights, v).reshape(b, k_, n, c)
-    return _dense(c, self.dtype, 'proj')(out), attn_map
-
-
-class MPSADecoderLayer(nn.Module):
-  """Post-norm decoder layer without self-attention (the reference's `TPN_DecoderLayer`).
-
-  x = norm2(x + Attn(x, pixels)); x = norm3(x + FFN(x)), FFN = C -> 4C ReLU -> C.
-  With `with_output=False` (the last layer: its queries are never used) only the attention's
-  q and k exist and the layer returns the map alone.
-  """
-  embed_dims: int
-  ot_config: Any
-  attention: str = 'mpsa'
-  num_heads: int = 8
-  dropout: float = 0.0
-  with_output: bool = True
-  dtype: Dtype = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, pixels: jax.Array, *,
-               train: bool) -> tuple[jax.Array | None, jax.Array]:
-    """x (B, K, N, C), pixels (B, M, C) -> (new x (B, K, N, C) or None, map (B, M, K))."""
-    if self.attention == 'mpsa':
-      attn = AttentionOT(self.embed_dims, self.ot_config, self.dropout, self.with_output,
-                         self.dtype, name='multihead_attn')
-    elif self.attention == 'softmax':
-      attn = SoftmaxCrossAttention(self.embed_dims, self.num_heads, self.dropout,
-                                   self.with_output, self.dtype, name='multihead_attn')
-    else:
-      raise ValueError(f"attention={self.attention!r}: use 'mpsa' or 'softmax'.")
-    out, attn_map = attn(x, pixels, train=train)
-    if not self.with_output:
-      return None, attn_map
-    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
-    x = _layer_norm(self.dtype, 'norm2')(x + drop(out))
-    y = nn.relu(_dense(4 * self.embed_dims, self.dtype, 'linear1')(x))
-    y = _dense(self.embed_dims, self.dtype, 'linear2')(drop(y))
-    x = _layer_norm(self.dtype, 'norm3')(x + drop(y))
-    return x, attn_map
+# The model.
 
 
 class OTSegHead(nn.Module):
@@ -416,7 +253,9 @@ class OTSegHead(nn.Module):
       'score': (B, h, w, K) MPS-path logits (only with use_mps);
       'q_proj': (B, K, N, C) the relationship descriptor;
       'layer_queries': L-1 arrays (B, K, N, C), the output queries of the layers but the last;
-      'layer_maps': (L, B, h, w, K) each layer's map.
+      'layer_maps': (L, B, h, w, K) each layer's map;
+      'sinkhorn_iterations': the solver's iteration counts in call order (MPS path, then the
+        layers; none for softmax layers).
     """
     b, h, w, c = dense.shape
     if text.ndim != 3 or text.shape[-1] != c:
@@ -425,28 +264,32 @@ class OTSegHead(nn.Module):
     pixels = dense.reshape(b, h * w, c)
     t = jnp.broadcast_to(text.astype(dense.dtype), (b, *text.shape))
     # Relationship descriptor: q_proj(concat(global * t, t)), (B, K, N, 2C) -> (B, K, N, C).
-    q = _at_least_f32(_dense(self.embed_dims, self.dtype, 'q_proj')(
-        jnp.concatenate([global_[:, None, None, :] * t, t], axis=-1)))
+    q = ot_layers.at_least_f32(ot_layers.dense(self.embed_dims, self.dtype, 'q_proj')(
+        ot_layers.relationship_features(global_, t)))
     outputs = {'q_proj': q}
+    iterations = []
 
     if self.use_mps:
-      _, score, info = transport_map(l2_normalize(pixels), l2_normalize(q), self.ot_config)
-      # Solver iterations in call order (MPS, then layers), for `mutable=['intermediates']`.
-      self.sow('intermediates', 'sinkhorn_iterations', info['iterations'])
+      _, score, info = ot_layers.transport_map(
+          ot_layers.l2_normalize(pixels), ot_layers.l2_normalize(q), self.ot_config)
+      iterations.append(info['iterations'])
       outputs['score'] = score.reshape(b, h, w, -1)
 
     x, maps, queries = q, [], []
     for i in range(self.decoder_layers):
       last = i == self.decoder_layers - 1
-      x, attn_map = MPSADecoderLayer(
+      x, attn_map, aux = ot_layers.MPSADecoderLayer(
           self.embed_dims, self.ot_config, self.attention, self.num_heads, self.dropout,
           with_output=not last, dtype=self.dtype, name=f'layers_{i}')(x, pixels, train=train)
+      if 'sinkhorn_iterations' in aux:
+        iterations.append(aux['sinkhorn_iterations'])
       maps.append(attn_map.reshape(b, h, w, -1))
       if not last:
         queries.append(x)
-    outputs['decoder'] = combine_layer_maps(maps)
+    outputs['decoder'] = ot_layers.combine_layer_maps(maps)
     outputs['layer_maps'] = jnp.stack(maps)
     outputs['layer_queries'] = queries
+    outputs['sinkhorn_iterations'] = iterations
     return outputs
 
 
@@ -487,38 +330,47 @@ class OTSeg(nn.Module):
         decoder_layers=self.decoder_layers, num_heads=self.num_heads, attention=self.attention,
         use_mps=self.use_mps, dropout=self.dropout, dtype=self.dtype)
 
+  def encode_text(self, text: jax.Array, *, train: bool) -> jax.Array:
+    """The class text the head reads: OTSeg's is fixed, (K, N, C) in, the same out."""
+    del train  # Nothing learned: the text embeddings are an input.
+    return text
+
   def encode_image(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
     """images (B, H, W, 3) -> (dense (B, h, w, C), global (B, C)), both L2-normalised over C."""
     global_, dense, _ = self.backbone(images, train=train)
     # The head reads the embeddings in float32 (or float64): cosines feed the Sinkhorn costs,
     # whose rounding exp(-C / eps) amplifies 1 / eps = 20 times.
-    dense, global_ = _at_least_f32(dense), _at_least_f32(global_)
+    dense, global_ = ot_layers.at_least_f32(dense), ot_layers.at_least_f32(global_)
     # Plain division, as the reference backbone (no eps).
     dense = dense / jnp.linalg.norm(dense, axis=-1, keepdims=True)
     global_ = global_ / jnp.linalg.norm(global_, axis=-1, keepdims=True)
     return dense, global_
 
-  def __call__(self, images: jax.Array, text: jax.Array, *, train: bool) -> dict[str, Any]:
-    """Logit maps at the input resolution, plus intermediates.
+  def __call__(self, images: jax.Array, text: jax.Array, *,
+               train: bool) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """Logit maps at the input resolution, and the intermediates.
 
     Args:
       images: (B, H, W, 3) normalised images.
-      text: (K, N, C) L2-normalised text embeddings (seen rows in inductive training).
+      text: (K, N, C) L2-normalised text embeddings (seen rows in inductive training), from
+        `encode_text`.
       train: train mode (dropout on; rng 'dropout').
 
     Returns:
-      'decoder', 'score': (B, H, W, K) logits ('score' only with use_mps);
-      'decoder_lowres', 'score_lowres': (B, h, w, K);
-      'q_proj', 'layer_queries', 'layer_maps': see `OTSegHead`;
-      'dense' (B, h, w, C), 'global' (B, C): the normalised backbone outputs.
+      maps: 'decoder', 'score': (B, H, W, K) logits ('score' only with use_mps), what the loss
+        and the evaluation read.
+      aux: 'decoder_lowres', 'score_lowres': (B, h, w, K); 'q_proj', 'layer_queries',
+        'layer_maps', 'sinkhorn_iterations': see `OTSegHead`; 'dense' (B, h, w, C), 'global'
+        (B, C): the normalised backbone outputs.
     """
     dense, global_ = self.encode_image(images, train=train)
     out = self.decode_head(dense, global_, text, train=train)
     size = images.shape[1:3]
-    outputs = dict(out, dense=dense, decoder_lowres=out['decoder'],
-                   decoder=image_ops.resize_bilinear(out['decoder'], size))
-    outputs['global'] = global_
+    maps = {'decoder': image_ops.resize_bilinear(out['decoder'], size)}
+    aux = dict(out, dense=dense, decoder_lowres=out['decoder'])
+    aux['global'] = global_
+    del aux['decoder']
     if 'score' in out:
-      outputs['score_lowres'] = out['score']
-      outputs['score'] = image_ops.resize_bilinear(out['score'], size)
-    return outputs
+      maps['score'] = image_ops.resize_bilinear(out['score'], size)
+      aux['score_lowres'] = aux.pop('score')
+    return maps, aux

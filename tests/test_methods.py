@@ -1,0 +1,137 @@
+"""The method seam: every OTSeg ablation switch trains with the real trainer, and a second method
+that lives in the tests folder trains, evaluates and predicts through train.py, eval.py and
+`python -m otseg_jax.predict` (tests/linear_probe_method.py, tests/linear_probe_config.py)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import clip_testing as ct
+from configs import tiny
+from conftest import shared_path
+from otseg_jax import params as params_lib
+from otseg_jax import text_embeddings
+from otseg_jax import tokenizer as tokenizer_lib
+from otseg_jax import trainer
+from otseg_jax.models import clip_weights
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# OTSeg's ablation switches, each through `train_and_evaluate` for 2 steps.
+
+
+@pytest.mark.parametrize('overrides', [
+    {'model.head.use_mps': False},  # the decoder map alone: loss, eval and export without 'score'
+    {'model.head.attention': 'softmax'},
+    {'model.head.attention': 'softmax', 'model.head.use_mps': False},
+    {'model.head.decoder_layers': 1},
+    {'model.ot.implementation': 'reference'},
+    {'ft_backbone': False, 'optimizer.first_match': False},
+], ids=lambda o: ','.join(f'{k}={v}' for k, v in o.items()))
+def test_ablation_trains_with_the_real_trainer(tmp_path, overrides):
+  config = tiny.get_config()
+  config.num_train_steps, config.checkpoint_every_steps, config.log_every_steps = 2, 2, 1
+  config.eval.max_images = 2
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  results = trainer.train_and_evaluate(config, tmp_path / 'run')
+  losses = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text()
+            .splitlines()]
+  assert [r['step'] for r in losses if 'train/total' in r] == [1, 2]
+  assert all(np.isfinite(r['train/total']) for r in losses if 'train/total' in r)
+  assert 0 <= results['mIoU'] <= 100
+  if overrides.get('model.head.use_mps') is False:
+    assert not any('score.' in k for k in losses[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Learned class text: the tower runs only up to the longest EOT.
+
+
+@pytest.fixture(scope='module')
+def tiny_clip(tmp_path_factory):
+  """A random HF CLIP with the tiny towers of tests/linear_probe_method.py, the real tokenizer."""
+  clip_dir = tmp_path_factory.mktemp('clip') / 'hf'
+  ct.save_random_hf_clip(clip_dir, seed=7, vision_width=32, vision_layers=2, vision_heads=2,
+                         patch_size=8, image_size=32, text_width=32, text_layers=1, text_heads=2,
+                         vocab_size=49408, context_length=77, embed_dim=32)
+  ct.write_clip_tokenizer_files(clip_dir, shared_path('clip_bpe', 'bpe_simple_vocab_16e6.txt.gz'))
+  return clip_dir
+
+
+def test_text_tower_up_to_the_longest_eot_gives_the_full_features(tiny_clip):
+  spec, towers = clip_weights.load_clip(tiny_clip)
+  tokenizer = tokenizer_lib.load_tokenizer(tiny_clip)
+  names = ['cat', 'a very long class name with many words', 'dog']
+  full = tokenizer_lib.tokenize(tokenizer, [f'X X X X {n}.' for n in names], 77)
+  cut = text_embeddings.class_tokens(tokenizer, names, 'X X X X {}.', 77)
+  assert cut.shape == (3, int(full.argmax(-1).max()) + 1) and cut.shape[1] < 20
+  np.testing.assert_array_equal(cut, full[:, :cut.shape[1]])
+  tower = spec.text_tower()
+  context = np.random.default_rng(0).normal(size=(4, 32)).astype(np.float32)
+  for c in (None, context):
+    a = tower.apply({'params': towers['text']}, full, c)
+    b = tower.apply({'params': towers['text']}, cut, c)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A second method through the real entry points, with no edit outside its two files.
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=str(REPO))
+
+
+def _run(args, timeout=600):
+  proc = subprocess.run([sys.executable, *args], env=_env(), cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+  return proc
+
+
+def test_a_second_method_trains_evaluates_and_predicts(tmp_path, tiny_clip):
+  config = [f'--config={REPO}/tests/linear_probe_config.py', f'--config.clip={tiny_clip}']
+  workdir = tmp_path / 'run'
+  proc = _run(['train.py', *config, f'--workdir={workdir}', '--config.num_train_steps=4',
+               '--config.checkpoint_every_steps=4'])
+  assert 'method tests.linear_probe_method' in proc.stderr
+  results = json.loads((workdir / 'eval' / 'results.json').read_text())
+  assert results['num_images'] == 16 and 0 <= results['mIoU'] <= 100
+
+  # Only the head and the context vectors trained; both CLIP towers are CLIP's, untouched.
+  trained = params_lib.flat(params_lib.load_params_any(workdir))
+  assert {k for k in trained if k.startswith('prompt_learner/')
+          and not k.startswith('prompt_learner/text/')} == {'prompt_learner/context'}
+  _, towers = clip_weights.load_clip(tiny_clip, image_size=32)
+  for sub, tower in (('backbone', 'visual'), ('prompt_learner/text', 'text')):
+    for name, value in params_lib.flat(towers[tower]).items():
+      np.testing.assert_array_equal(trained[f'{sub}/{name}'], value, err_msg=name)
+  metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert 'train/logits.loss_mask' in metrics[0]
+
+  # eval.py reproduces the final evaluation of the run.
+  proc = _run(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}'])
+  again = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+  assert again['per_class'] == results['per_class']
+
+  # predict: any names, learned text computed once for them.
+  image = tmp_path / 'a.png'
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
+  _run(['-m', 'otseg_jax.predict', '--checkpoint', str(workdir), '--image', str(image),
+        '--classes', 'red stripes,blue stripes,grass', '--clip', str(tiny_clip),
+        '--short_side', '32', '--out', str(tmp_path / 'pred')])
+  mask = np.asarray(Image.open(tmp_path / 'pred' / 'a_mask.png'))
+  assert mask.shape == (40, 30) and mask.max() < 3
