@@ -9,7 +9,6 @@ feature of `template.format(name)` (EOT token after ln_final, @ text_projection)
 
 import argparse
 import io
-import logging
 import os
 import pathlib
 import sys
@@ -66,7 +65,7 @@ def check_text_embeddings(text: np.ndarray, source, class_names: Sequence[str] =
   off = int((np.abs(norms - 1) > UNIT_NORM_TOLERANCE).sum())
   if off:
     worst = np.unravel_index(np.argmax(np.abs(norms - 1)), norms.shape)
-    logging.getLogger(__name__).warning(
+    logging.warning(
         'Text embeddings from %s: %d of %d rows are not unit length (worst: class %d, norm %.4g); '
         'the model expects L2-normalised embeddings.', source, off, norms.size, worst[0],
         norms[worst])

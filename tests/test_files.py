@@ -6,7 +6,7 @@ import stat
 import numpy as np
 import pytest
 
-from otseg_jax import checkpoint, evaluate, text_embeddings
+from otseg_jax import checkpoint, reports, text_embeddings
 
 
 def _mode(path):
@@ -22,8 +22,8 @@ def umask(request):
 
 def test_outputs_follow_the_umask(tmp_path, umask):
   file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
-  evaluate.write_json(tmp_path / 'results.json', {'mIoU': 1.0})
-  evaluate.write_png(tmp_path / 'mask.png', np.zeros((4, 4), np.uint8))
+  reports.write_json(tmp_path / 'results.json', {'mIoU': 1.0})
+  reports.write_png(tmp_path / 'mask.png', np.zeros((4, 4), np.uint8))
   text_embeddings.save_npy_atomic(tmp_path / 'text.npy', np.ones((2, 1, 3), np.float32))
   checkpoint.save_params(tmp_path / 'ckpt', {'w': np.ones(3)}, {'note': 'x'})
   for name in ('results.json', 'mask.png', 'text.npy', 'ckpt/metadata.json'):

@@ -117,15 +117,14 @@ def test_real_clip_reproduces_the_authors_voc_embeddings(tmp_path):
 
 def _tiny_config_and_names():
   from configs import tiny
-  from otseg_jax import trainer
+  from otseg_jax.data import loading
   from otseg_jax.data import synthetic
   config = tiny.get_config()
-  names = synthetic.load_split('train', trainer.synthetic_config(config)).classes.classes
+  names = synthetic.load_split('train', loading.synthetic_config(config)).classes.classes
   return config, names
 
 
 def test_a_text_file_that_is_no_npy_array_is_one_error_naming_it(tmp_path):
-  from otseg_jax import trainer
   config, names = _tiny_config_and_names()
   bad = {
       'text.npy': (b'a photo of a cat\n', 'not a numpy .npy array'),
@@ -150,12 +149,12 @@ def test_a_text_file_that_is_no_npy_array_is_one_error_naming_it(tmp_path):
       (tmp_path / name).write_bytes(content)
     config.text_embeddings = str(tmp_path / name)
     with pytest.raises(ValueError, match=message) as e:
-      trainer.load_text_embeddings(config, names)
+      text_embeddings.load_text_embeddings(config, names)
     assert name in str(e.value)
 
 
 def test_non_finite_text_stops_train_and_eval_naming_the_file_and_class(tmp_path):
-  from otseg_jax import evaluate, trainer
+  from otseg_jax import evaluate
   config, names = _tiny_config_and_names()
   text = np.ones((12, 4, 32), np.float32) / np.sqrt(32)
   text[5, 2, 7] = np.nan
@@ -165,7 +164,7 @@ def test_non_finite_text_stops_train_and_eval_naming_the_file_and_class(tmp_path
   message = (rf"from {tmp_path}/nan\.npy: class 5 \({names[5]!r}\) has NaN or infinite values "
              r"\(2 of 12 classes do\)")
   with pytest.raises(ValueError, match=message):
-    trainer.load_text_embeddings(config, names)  # what train.py loads
+    text_embeddings.load_text_embeddings(config, names)  # what train.py loads
   (tmp_path / 'ckpt').mkdir()
   with pytest.raises(ValueError, match=message):
     evaluate.evaluate_checkpoint(config, str(tmp_path / 'ckpt'))
