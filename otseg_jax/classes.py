@@ -82,9 +82,10 @@ def seen_mask(dataset: DatasetClasses, setting: str) -> np.ndarray:
   """
   if setting not in SETTINGS:
     raise ValueError(f'config.setting={setting!r}: use one of {", ".join(SETTINGS)}.')
-  seen = np.ones(dataset.num_classes, bool)
-  if setting != 'fully_supervised':
-    seen[list(dataset.unseen)] = False
+  if setting == 'fully_supervised':
+    return np.ones(dataset.num_classes, bool)
+  seen = np.zeros(dataset.num_classes, bool)
+  seen[list(dataset.seen)] = True
   return seen
 
 

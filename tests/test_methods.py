@@ -15,10 +15,12 @@ import pytest
 import clip_testing as ct
 from configs import tiny
 from conftest import shared_path
+from otseg_jax import classes
 from otseg_jax import params as params_lib
 from otseg_jax import text_embeddings
 from otseg_jax import tokenizer as tokenizer_lib
 from otseg_jax import trainer
+from otseg_jax.data import synthetic
 from otseg_jax.models import clip_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,6 +56,17 @@ def test_ablation_trains_with_the_real_trainer(tmp_path, overrides):
   assert 0 <= results['mIoU'] <= 100
   if overrides.get('model.head.use_mps') is False:
     assert not any('score.' in k for k in losses[0])
+
+
+def test_class_split_per_setting():
+  dataset = synthetic.dataset_classes()  # 12 classes, 0, 4 and 8 unseen
+  for setting, seen, rows in (('inductive', 9, 9), ('transductive', 9, 12),
+                              ('fully_supervised', 12, 12)):
+    mask = classes.seen_mask(dataset, setting)
+    assert mask.sum() == seen and len(classes.train_text_rows(dataset, setting)) == rows
+    assert mask[list(dataset.unseen)].all() == (setting == 'fully_supervised')
+  with pytest.raises(ValueError, match='config.setting'):
+    classes.seen_mask(dataset, 'zero_shot')
 
 
 # ---------------------------------------------------------------------------------------------------
