@@ -32,6 +32,7 @@ pretrained with the same settings is reused; one with other settings is refused.
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -296,22 +297,27 @@ def pretrain(config: PretrainConfig, tokenizer, *, log_every: int = 25,
     return optax.apply_updates(params, updates), opt_state, loss, scale
 
   history, window, start = [], [], time.time()
-  for step in range(1, config.steps + 1):
-    batch = make_batch(config, step - 1, tokenizer)
-    params, opt_state, loss, scale = step_fn(params, opt_state, batch['image'], batch['tokens'])
-    window.append(loss)
-    if step % log_every == 0 or step == config.steps:
-      mean = float(np.mean(jax.device_get(window)))
-      if not np.isfinite(mean):
-        raise FloatingPointError(f'CLIP pretraining loss is {mean} at step {step}; lower --lr.')
-      history.append({'step': step, 'loss': mean, 'logit_scale': float(scale)})
-      window = []
-      if progress:
-        elapsed = time.time() - start
-        eta = elapsed / step * (config.steps - step)
-        print(f'CLIP pretraining step {step}/{config.steps} loss {mean:.3f} '
-              f'1/T {float(scale):.1f} {step / elapsed:.2f} steps/s ETA {_format_eta(eta)}',
-              file=sys.stderr, flush=True)
+  # The next batch is rendered in a thread while the step runs (numpy and XLA release the GIL).
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    upcoming = pool.submit(make_batch, config, 0, tokenizer)
+    for step in range(1, config.steps + 1):
+      batch = upcoming.result()
+      if step < config.steps:
+        upcoming = pool.submit(make_batch, config, step, tokenizer)
+      params, opt_state, loss, scale = step_fn(params, opt_state, batch['image'], batch['tokens'])
+      window.append(loss)
+      if step % log_every == 0 or step == config.steps:
+        mean = float(np.mean(jax.device_get(window)))
+        if not np.isfinite(mean):
+          raise FloatingPointError(f'CLIP pretraining loss is {mean} at step {step}; lower --lr.')
+        history.append({'step': step, 'loss': mean, 'logit_scale': float(scale)})
+        window = []
+        if progress:
+          elapsed = time.time() - start
+          eta = elapsed / step * (config.steps - step)
+          print(f'CLIP pretraining step {step}/{config.steps} loss {mean:.3f} '
+                f'1/T {float(scale):.1f} {step / elapsed:.2f} steps/s ETA {_format_eta(eta)}',
+                file=sys.stderr, flush=True)
   return spec, jax.tree.map(np.asarray, params), history
 
 
