@@ -172,10 +172,11 @@ def test_unseen_split_and_seed_are_config_fields():
     synthetic.SyntheticConfig(unseen=tuple(range(12)))
 
 
-def _train(workdir, clip_dir, config, *overrides, timeout=600):
-  """train.py with configs/synthetic.py, resized to the tiny CLIP `config`."""
+def _train(workdir, clip_dir, config, *overrides, setting='inductive', timeout=600):
+  """train.py with configs/synthetic.py:setting, resized to the tiny CLIP `config`."""
   size = config.image_size
-  cmd = [sys.executable, str(REPO / 'train.py'), f'--config={REPO / "configs/synthetic.py"}',
+  cmd = [sys.executable, str(REPO / 'train.py'),
+         f'--config={REPO / "configs/synthetic.py"}:{setting}',
          f'--workdir={workdir}', f'--config.clip={clip_dir}',
          f'--config.model.image_size={size}', f'--config.data.synthetic.image_size={size}',
          f'--config.model.backbone.width={config.vision_width}',
@@ -196,7 +197,8 @@ def _train(workdir, clip_dir, config, *overrides, timeout=600):
 
 def test_demo_config_trains_from_the_pretrained_clip(tiny_synthetic_clip, tmp_path):
   """configs/synthetic.py, a few steps on another unseen split: the CLIP's image tower frozen
-  (only prompts and head train), the class text from its text tower; the evaluation reports the split."""
+  (only prompts and head train), the class text from its text tower; the evaluation reports the
+  split. Then transductive self-training from that run."""
   from flax import traverse_util
   from otseg_jax import trainer
   from otseg_jax.models import clip_weights
@@ -216,3 +218,9 @@ def test_demo_config_trains_from_the_pretrained_clip(tiny_synthetic_clip, tmp_pa
   for path, value in traverse_util.flatten_dict(towers['visual']).items():
     np.testing.assert_array_equal(trained['/'.join(path)], value)  # frozen
   assert 'prompt_embeddings' in trained and 'prompt_proj/kernel' in trained
+
+  # Transductive self-training from that run, with the same CLIP and split.
+  proc = _train(tmp_path / 'transductive', directory, config,
+                '--config.data.synthetic.unseen=(1, 5, 9)', f'--config.init_from={workdir}',
+                setting='transductive')
+  assert 'hIoU' in proc.stdout and 'setting transductive' in proc.stderr
