@@ -24,8 +24,8 @@ from configs import common
 from otseg_jax.data import synthetic_clip
 
 # Written by `python -m otseg_jax.data.synthetic_clip --out demo_output/clip` (make demo), relative
-# to the directory train.py runs in.
-CLIP_DIR = 'demo_output/clip'
+# to the directory train.py runs in. The './' keeps clip_weights from taking it for a hub id.
+CLIP_DIR = './demo_output/clip'
 
 
 def world_config(setting: str):
