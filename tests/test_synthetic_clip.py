@@ -25,9 +25,11 @@ def test_pretraining_lowers_the_contrastive_loss(tiny_synthetic_clip):
   report = json.loads((directory / 'pretraining.json').read_text())
   losses = [h['loss'] for h in report['history']]
   assert [h['step'] for h in report['history']] == [2, 4, 6, 8]
-  # At init the towers' embeddings are unrelated: the loss is near log(B) (chance pairing).
-  assert abs(losses[0] - np.log(config.batch_size)) < 0.5, losses
-  assert losses[-1] < losses[0] - 0.2, losses
+  # At init the towers' embeddings are unrelated: the loss is at least about log(B), chance
+  # pairing (above it, as random embeddings are not orthogonal and 1/T is 14). Then it falls.
+  assert losses[0] > np.log(config.batch_size) - 0.3, losses
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < losses[0] - 0.5, losses
   z = report['zero_shot']
   assert 0 <= z['accuracy'] <= 100 and z['accuracy_images'] == config.eval_images
   assert z['unseen'] == list(synthetic.UNSEEN) and len(z['patch_per_class_iou']) == 12
