@@ -1,25 +1,36 @@
 r"""A tiny synthetic config for tests: patch 8, width 32, 2 layers, 32 x 32 images, seconds per run.
 
-Argument: the setting (inductive by default), as configs/synthetic.py.
+The old embedded default: no CLIP; a random image tower fine-tuned with the head
+(ft_backbone: a random tower's features are too weak to only prompt-tune) against the synthetic
+dataset's own hand-made attribute vectors as "text". Argument: the setting (inductive by default),
+as configs/synthetic.py.
 """
 
 from configs import synthetic
 
 
 def get_config(arg=None):
-  config = synthetic.get_config(arg)
+  config = synthetic.world_config(arg or 'inductive')
   config.data.synthetic = dict(image_size=32, num_train=1024, num_val=16, embed_dim=32,
                                num_prompts=4, seed=0)
   config.data.num_threads = 1
+  config.clip = ''  # Random towers.
+  config.ft_backbone = True
+  config.text_embeddings = ''  # The synthetic dataset's own (K, N, C) embeddings.
+
   m = config.model
   m.image_size = 32
   m.backbone.update(patch_size=8, width=32, layers=2, heads=2, output_dim=32,
-                    num_prompt_tokens=2, prompt_depth=1)
-  m.head.update(decoder_layers=2)
+                    num_prompt_tokens=2, prompt_depth=1, prompt_dropout=0.1)
+  m.head.update(decoder_layers=2, dropout=0.1)
+  m.num_prompts = 4
   # Fewer Sinkhorn iterations at most: the tests run on two shared CPU cores.
   m.ot.max_iterations = 20
+
   config.batch_size = 8
   config.num_train_steps = 6
+  config.optimizer.lr = 1e-4  # x10 for tower and head.
+  config.schedule.warmup_steps = 100
   config.log_every_steps = 2
   config.checkpoint_every_steps = 2
   config.async_checkpointing = False

@@ -14,25 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from otseg_jax.data.synthetic_clip import bytes_to_unicode  # OpenAI's byte alphabet
+
 SOT, EOT = 49406, 49407  # ids of '<|startoftext|>' and '<|endoftext|>' in the real vocab
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer files.
-
-
-def bytes_to_unicode() -> dict[int, str]:
-  """OpenAI's byte -> printable character table (clip/simple_tokenizer.py)."""
-  bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) +
-        list(range(ord('®'), ord('ÿ') + 1)))
-  cs = bs[:]
-  n = 0
-  for b in range(2**8):
-    if b not in bs:
-      bs.append(b)
-      cs.append(2**8 + n)
-      n += 1
-  return dict(zip(bs, [chr(c) for c in cs]))
 
 
 def write_clip_tokenizer_files(directory, bpe_path) -> pathlib.Path:

@@ -41,3 +41,17 @@ def otseg_small_converged():
 @pytest.fixture(scope='session')
 def otseg_holdout():
   return load_reference('otseg_holdout.npz')
+
+
+@pytest.fixture(scope='session')
+def tiny_synthetic_clip(tmp_path_factory):
+  """(directory, PretrainConfig) of a tiny CLIP pretrained on the synthetic world, once per session:
+  32 px, width 32, one block per tower, 8 steps (seconds)."""
+  from otseg_jax.data import synthetic_clip
+  config = synthetic_clip.PretrainConfig(
+      image_size=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+      text_layers=1, text_heads=2, embed_dim=32, steps=8, batch_size=32, warmup_steps=2,
+      eval_images=24, eval_seg_images=8)
+  directory = tmp_path_factory.mktemp('synthetic_clip') / 'clip'
+  synthetic_clip.write_pretrained(directory, config, log_every=2, progress=False)
+  return directory, config

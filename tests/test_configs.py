@@ -64,13 +64,25 @@ def test_cross_dataset_uses_the_target_classes(pair, source_tokens, target_data,
 
 
 def test_synthetic_and_tiny_configs():
+  from otseg_jax.data import synthetic_clip
   for module in (synthetic, tiny):
     config = module.get_config()
-    assert config.data.name == 'synthetic' and config.clip == ''
-    assert config.data.synthetic.embed_dim == config.model.backbone.output_dim
-    assert config.data.synthetic.num_prompts == config.model.num_prompts
+    assert config.data.name == 'synthetic'
     assert config.batch_size % 8 == 0  # runs on 1, 2 or 8 devices
-  assert tiny.get_config().model.backbone.width == 32
+  # The demo: the pretrained synthetic CLIP, frozen, its text tower over the class names.
+  config, clip = synthetic.get_config(), synthetic_clip.PretrainConfig()
+  assert config.clip == synthetic.CLIP_DIR and not config.ft_backbone
+  assert config.text_embeddings == '' and config.templates == synthetic_clip.TEMPLATES == 'otseg8'
+  assert config.model.num_prompts == 8
+  b = config.model.backbone
+  assert (b.patch_size, b.width, b.layers, b.heads, b.output_dim, config.model.image_size) == (
+      clip.patch_size, clip.vision_width, clip.vision_layers, clip.vision_heads, clip.embed_dim,
+      clip.image_size)
+  # Tests: random towers and the synthetic set's own attribute text.
+  config = tiny.get_config()
+  assert config.clip == '' and config.ft_backbone and config.model.backbone.width == 32
+  assert config.data.synthetic.embed_dim == config.model.backbone.output_dim
+  assert config.data.synthetic.num_prompts == config.model.num_prompts
 
 
 def _parse(argv):

@@ -1,6 +1,9 @@
 """Synthetic zero-shot dataset: determinism, split, attributes, text embeddings, loaders."""
 
+import dataclasses
+
 import numpy as np
+import pytest
 
 from otseg_jax.data import pipeline, synthetic
 
@@ -79,3 +82,21 @@ def test_chance_level():
   chance = synthetic.chance_iou(CONFIG)
   # Uniform random predictions over K = 12 classes: about 1 / (2K - 1) = 0.043 per class.
   assert 0.03 < chance['unseen_miou'] < 0.06 and 0.03 < chance['seen_miou'] < 0.06
+
+
+def test_region_count_and_unseen_split_are_fields():
+  single = synthetic.SyntheticConfig(image_size=32, min_regions=1, max_regions=1)
+  assert all(len(np.unique(synthetic.render(single, 'pretrain', i)['label'])) == 1
+             for i in range(8))
+  # The default region count draws exactly the records it drew before the field existed.
+  np.testing.assert_array_equal(
+      synthetic.render(CONFIG, 'train', 5)['image'],
+      synthetic.render(synthetic.SyntheticConfig(**{**CONFIG.__dict__, 'min_regions': 2}),
+                       'train', 5)['image'])
+  other = synthetic.SyntheticConfig(image_size=32, unseen=[1, 5, 9])  # a list, as from a flag
+  assert other.unseen == (1, 5, 9) and synthetic.dataset_classes(other).unseen == (1, 5, 9)
+  assert synthetic.load_split('val', other).classes.seen == (0, 2, 3, 4, 6, 7, 8, 10, 11)
+  chance = synthetic.chance_iou(dataclasses.replace(other, num_val=8))
+  assert 0 < chance['unseen_miou'] < 0.1
+  with pytest.raises(ValueError, match='segmentation splits'):
+    synthetic.load_split('pretrain', other)

@@ -2,11 +2,13 @@
 
 Classes are colour x stripe-orientation combinations: 4 colours (red, green, blue, yellow) x 3
 orientations (horizontal, vertical, diagonal) = 12 classes, class k = colour k // 3, orientation
-k % 3. The unseen classes are the "diagonal" pairs (colour i, orientation i) for i = 0, 1, 2:
-red horizontal (0), green vertical (4), blue diagonal (8). Each unseen class is a new combination
-of attributes that seen classes show: its colour in 2 seen classes, its orientation in 3.
+k % 3. The unseen classes are `SyntheticConfig.unseen` (config.data.synthetic.unseen), by default
+the "diagonal" pairs (colour i, orientation i) for i = 0, 1, 2: red horizontal (0), green vertical
+(4), blue diagonal (8). Each of those is a new combination of attributes that seen classes show:
+its colour in 2 seen classes, its orientation in 3.
 
-Images (S x S, default 64) are split into 2-4 Voronoi regions, one class each (no ignore pixels).
+Images (S x S, default 64) are split into 2-4 Voronoi regions (`min_regions`-`max_regions`), one
+class each (no ignore pixels).
 A region's pixels are colour * (0.35 + 0.65 * stripe) + noise, where stripe is a cosine of period
 4 pixels across the orientation, with a random phase; the colour varies +-15 % per region. Both
 attributes are visible in any 8x8 or 16x16 patch (mean colour; 2-4 stripe periods).
@@ -42,12 +44,20 @@ COLOURS = (('red', (215, 45, 45)), ('green', (45, 175, 65)), ('blue', (50, 85, 2
 ORIENTATIONS = (('horizontal', (1.0, 0.0)), ('vertical', (0.0, 1.0)),
                 ('diagonal', (0.5**0.5, 0.5**0.5)))
 UNSEEN = (0, 4, 8)  # (red, horizontal), (green, vertical), (blue, diagonal)
-_SPLIT_IDS = {'train': 0, 'val': 1}
+NUM_CLASSES = len(COLOURS) * len(ORIENTATIONS)
+# 'pretrain' and 'pretrain_val' are the images CLIP is pretrained and tested on
+# (otseg_jax.data.synthetic_clip), never those of the segmentation splits.
+_SPLIT_IDS = {'train': 0, 'val': 1, 'pretrain': 2, 'pretrain_val': 3}
+_SEGMENTATION_SPLITS = ('train', 'val')
 
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
-  """Sizes and seed of the synthetic dataset; embed_dim must match the model's output dim C."""
+  """Sizes, zero-shot split and seed of the synthetic dataset.
+
+  embed_dim and num_prompts shape its own text embeddings (`text_embeddings`), which must match the
+  model's output dim C and prompt count N; unused when a CLIP text tower computes the text.
+  """
   image_size: int = 64
   num_train: int = 1024
   num_val: int = 128
@@ -58,29 +68,48 @@ class SyntheticConfig:
   max_regions: int = 4
   pixel_noise: float = 6.0
   seed: int = 0
+  unseen: tuple[int, ...] = UNSEEN  # class ids k = 3 * colour + orientation
+  min_regions: int = 2
+
+  def __post_init__(self):
+    # A config file or a command line gives a list; the dataclass stays hashable with a tuple.
+    object.__setattr__(self, 'unseen', tuple(int(k) for k in self.unseen))
+    bad = [k for k in self.unseen if not 0 <= k < NUM_CLASSES]
+    if bad or len(set(self.unseen)) != len(self.unseen) or len(self.unseen) >= NUM_CLASSES:
+      raise ValueError(f'config.data.synthetic.unseen={self.unseen}: give distinct class ids in '
+                       f'[0, {NUM_CLASSES}) (k = 3 * colour + orientation), leaving at least one '
+                       'seen class.')
+    if not 1 <= self.min_regions <= self.max_regions <= NUM_CLASSES:
+      raise ValueError(f'synthetic regions {self.min_regions}-{self.max_regions}: need 1 <= '
+                       f'min_regions <= max_regions <= {NUM_CLASSES}.')
 
 
-def dataset_classes() -> classes_lib.DatasetClasses:
-  """Class names in label order ('red horizontal stripes', ...) and the unseen indices."""
-  names = tuple(f'{colour} {orientation} stripes'
-                for colour, _ in COLOURS for orientation, _ in ORIENTATIONS)
-  return classes_lib.DatasetClasses(name='synthetic', classes=names, unseen=UNSEEN,
-                                    reduce_zero_label=False, templates='otseg8')
+def class_names() -> tuple[str, ...]:
+  """The K = 12 class names in label order: 'red horizontal stripes', ..."""
+  return tuple(f'{colour} {orientation} stripes'
+               for colour, _ in COLOURS for orientation, _ in ORIENTATIONS)
+
+
+def dataset_classes(config: SyntheticConfig = SyntheticConfig()) -> classes_lib.DatasetClasses:
+  """Class names in label order and the unseen indices of `config`."""
+  return classes_lib.DatasetClasses(name='synthetic', classes=class_names(),
+                                    unseen=tuple(sorted(config.unseen)), reduce_zero_label=False,
+                                    templates='otseg8')
 
 
 def render(config: SyntheticConfig, split: str, index: int) -> dict:
   """Record `index` of `split`: {'image': (S, S, 3) uint8, 'label': (S, S) uint8, 'name': str}.
 
-  A pure function of (config, split, index).
+  A pure function of (config, split, index); split is 'train', 'val', 'pretrain' or
+  'pretrain_val'.
   """
   if split not in _SPLIT_IDS:
     raise ValueError(f'synthetic splits are {sorted(_SPLIT_IDS)}, got {split!r}.')
   size = config.image_size
-  num_classes = len(COLOURS) * len(ORIENTATIONS)
   rng = np.random.default_rng([config.seed, _SPLIT_IDS[split], index])
-  num_regions = int(rng.integers(2, config.max_regions + 1))
+  num_regions = int(rng.integers(config.min_regions, config.max_regions + 1))
   centres = rng.uniform(0, size, size=(num_regions, 2))
-  region_classes = rng.choice(num_classes, size=num_regions, replace=False)
+  region_classes = rng.choice(NUM_CLASSES, size=num_regions, replace=False)
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
   dist = (yy[..., None] - centres[:, 0])**2 + (xx[..., None] - centres[:, 1])**2
   region = np.argmin(dist, axis=-1)  # (S, S) Voronoi cell of each pixel
@@ -132,9 +161,10 @@ def text_embeddings(config: SyntheticConfig) -> np.ndarray:
 
 def load_split(split: str, config: SyntheticConfig = SyntheticConfig()) -> pipeline.Split:
   """'train' or 'val' as a `pipeline.Split` (records rendered on demand)."""
-  if split not in _SPLIT_IDS:
-    raise ValueError(f'synthetic splits are {sorted(_SPLIT_IDS)}, got {split!r}.')
-  return pipeline.Split('synthetic', split, SyntheticSource(config, split), dataset_classes())
+  if split not in _SEGMENTATION_SPLITS:
+    raise ValueError(f'synthetic segmentation splits are {_SEGMENTATION_SPLITS}, got {split!r}.')
+  return pipeline.Split('synthetic', split, SyntheticSource(config, split),
+                        dataset_classes(config))
 
 
 def chance_iou(config: SyntheticConfig = SyntheticConfig(), split: str = 'val') -> dict:
@@ -146,7 +176,7 @@ def chance_iou(config: SyntheticConfig = SyntheticConfig(), split: str = 'val') 
   counts = np.zeros(256, np.int64)
   for i in range(len(source)):
     counts += np.bincount(source[i]['label'].ravel(), minlength=256)
-  classes = dataset_classes()
+  classes = dataset_classes(config)
   k = classes.num_classes
   p = counts[:k] / counts[:k].sum()
   iou = p / (k * p + 1 - p)
