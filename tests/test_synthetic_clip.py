@@ -14,6 +14,10 @@ import sys
 import numpy as np
 import pytest
 
+from otseg_jax import params as params_lib
+from otseg_jax import text_embeddings
+from otseg_jax import tokenizer as tokenizer_lib
+from otseg_jax.data import loading
 from otseg_jax.data import synthetic
 from otseg_jax.data import synthetic_clip
 
@@ -41,12 +45,11 @@ def test_saved_directory_loads_and_is_the_pretrained_clip(tiny_synthetic_clip):
   again here: same seed, same weights), and its text tower gives the pretraining code's class
   text, also through the trainer's path (config.clip set, config.text_embeddings unset)."""
   from flax import traverse_util
-  from otseg_jax import trainer
   from otseg_jax.models import clip_weights
   from configs import synthetic as synthetic_config
   directory, config = tiny_synthetic_clip
   spec, towers = clip_weights.load_clip(directory)
-  tokenizer = clip_weights.load_tokenizer(clip_weights.tokenizer_source(directory))
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.tokenizer_source(directory))
   assert spec == synthetic_clip.clip_spec(config, len(tokenizer))
 
   again, params, _ = synthetic_clip.pretrain(config, tokenizer, progress=False)
@@ -62,7 +65,7 @@ def test_saved_directory_loads_and_is_the_pretrained_clip(tiny_synthetic_clip):
   config_ = synthetic_config.get_config()
   config_.clip = str(directory)
   config_.model.backbone.output_dim = config.embed_dim
-  text = trainer.load_text_embeddings(config_, synthetic.class_names())  # (K, N, C)
+  text = text_embeddings.load_text_embeddings(config_, synthetic.class_names())  # (K, N, C)
   assert text.shape == (12, 8, config.embed_dim)
   mean = text.mean(1)
   np.testing.assert_allclose(mean / np.linalg.norm(mean, axis=-1, keepdims=True), expected,
@@ -84,7 +87,7 @@ def test_transformers_clipmodel_reads_the_directory_and_agrees(tiny_synthetic_cl
 
   texts = ['a photo of a red horizontal stripes.', 'there are blue diagonal stripes and yellow '
            'vertical stripes.', 'a zebra']  # the last: words outside the world, as bytes
-  ids = clip_weights.tokenize(tokenizer, texts, spec.context_length)
+  ids = tokenizer_lib.tokenize(tokenizer, texts, spec.context_length)
   ours = np.asarray(spec.text_tower().apply({'params': towers['text']}, ids))
   with torch.no_grad():
     theirs = hf.text_projection(hf.text_model(input_ids=torch.from_numpy(ids).long()).pooler_output)
@@ -106,7 +109,7 @@ def test_transformers_clipmodel_reads_the_directory_and_agrees(tiny_synthetic_cl
 def test_tokenizer_round_trips_every_class_name(tiny_synthetic_clip):
   from otseg_jax.models import clip_weights
   directory, _ = tiny_synthetic_clip
-  tokenizer = clip_weights.load_tokenizer(directory)
+  tokenizer = tokenizer_lib.load_tokenizer(directory)
   eot = tokenizer.eos_token_id
   assert eot == len(tokenizer) - 1 and tokenizer.bos_token_id == eot - 1
   for name in synthetic.class_names():
@@ -118,7 +121,7 @@ def test_tokenizer_round_trips_every_class_name(tiny_synthetic_clip):
   for word in synthetic_clip.corpus_words():
     assert len(tokenizer(word)['input_ids']) == 3, word
   # Any other text falls back to byte tokens instead of the unknown token (which is EOT).
-  ids = clip_weights.tokenize(tokenizer, ['a zebra, 42!'], 24)[0]
+  ids = tokenizer_lib.tokenize(tokenizer, ['a zebra, 42!'], 24)[0]
   assert tokenizer.decode(ids, skip_special_tokens=True) == 'a zebra , 4 2 !'  # digits one by one
   assert list(ids).index(eot) == int(np.argmax(ids)) > 5
 
@@ -153,7 +156,6 @@ def test_an_existing_directory_is_reused_or_refused(tiny_synthetic_clip, tmp_pat
 
 
 def test_unseen_split_and_seed_are_config_fields():
-  from otseg_jax import trainer
   from configs import synthetic as synthetic_config
   from configs import tiny
   for split in ((0, 4, 8), (1, 5, 9)):
@@ -161,13 +163,13 @@ def test_unseen_split_and_seed_are_config_fields():
       config = module.get_config()
       config.data.synthetic.unseen = split
       for name in ('train', 'val'):
-        classes = trainer.load_data_split(config, name).classes
+        classes = loading.load_data_split(config, name).classes
         assert classes.unseen == split and len(classes.seen) == 9
   config = synthetic_config.get_config()
   config.data.synthetic.seed = 3
-  a = trainer.load_data_split(config, 'train').source[0]['image']
+  a = loading.load_data_split(config, 'train').source[0]['image']
   config.data.synthetic.seed = 0
-  assert not np.array_equal(a, trainer.load_data_split(config, 'train').source[0]['image'])
+  assert not np.array_equal(a, loading.load_data_split(config, 'train').source[0]['image'])
   with pytest.raises(ValueError, match=r'unseen=\(0, 12\): give distinct class ids in \[0, 12\)'):
     synthetic.SyntheticConfig(unseen=(0, 12))
   with pytest.raises(ValueError, match='leaving at least one seen class'):
@@ -202,7 +204,6 @@ def test_demo_config_trains_from_the_pretrained_clip(tiny_synthetic_clip, tmp_pa
   (only prompts and head train), the class text from its text tower; the evaluation reports the
   split. Then transductive self-training from that run."""
   from flax import traverse_util
-  from otseg_jax import trainer
   from otseg_jax.models import clip_weights
   directory, config = tiny_synthetic_clip
   workdir = tmp_path / 'run'
@@ -215,7 +216,7 @@ def test_demo_config_trains_from_the_pretrained_clip(tiny_synthetic_clip, tmp_pa
   assert all(np.isfinite(r['train/total']) for r in losses if 'train/total' in r)
 
   trained = {'/'.join(k): v for k, v in
-             traverse_util.flatten_dict(trainer.load_params_any(workdir)['backbone']).items()}
+             traverse_util.flatten_dict(params_lib.load_params_any(workdir)['backbone']).items()}
   _, towers = clip_weights.load_clip(directory, image_size=config.image_size)
   for path, value in traverse_util.flatten_dict(towers['visual']).items():
     np.testing.assert_array_equal(trained['/'.join(path)], value)  # frozen

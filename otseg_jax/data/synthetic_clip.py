@@ -349,7 +349,7 @@ def zero_shot(config: PretrainConfig, spec: clip.CLIPSpec, params: Any, tokenize
   first `eval_seg_images` images of the segmentation val split of `seg_world` (the default
   synthetic world at the CLIP's image size if None). 'chance_mIoU': uniformly random labels.
   """
-  from otseg_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from otseg_jax import metrics  # pylint: disable=g-import-not-at-top
   text = class_text(spec, params, tokenizer)
   tower = spec.vision_tower()
   encode = jax.jit(lambda images: tower.apply({'params': params['visual']}, images)[:2])
@@ -374,9 +374,9 @@ def zero_shot(config: PretrainConfig, spec: clip.CLIPSpec, params: Any, tokenize
   pred = pred.repeat(p, axis=1).repeat(p, axis=2)  # each patch's class on its p x p pixels
   labels = np.stack([r['label'] for r in records])
   k = synthetic.NUM_CLASSES
-  confusion = evaluate.confusion_matrix(pred, labels, k)
+  confusion = metrics.confusion_matrix(pred, labels, k)
   names, unseen = synthetic.class_names(), seg_world.unseen
-  seg = evaluate.summarize(confusion, names, unseen)
+  seg = metrics.summarize(confusion, names, unseen)
   chance = synthetic.chance_iou(dataclasses.replace(seg_world, num_val=config.eval_seg_images))
   return {
       'accuracy': accuracy, 'accuracy_images': len(truth),
