@@ -230,7 +230,8 @@ def clip_spec(config: PretrainConfig, vocab_size: int) -> clip.CLIPSpec:
       patch_size=config.patch_size, vision_width=config.vision_width,
       vision_layers=config.vision_layers, vision_heads=config.vision_heads,
       context_length=config.context_length, vocab_size=vocab_size, text_width=config.text_width,
-      text_layers=config.text_layers, text_heads=config.text_heads)
+      text_layers=config.text_layers, text_heads=config.text_heads,
+      vision_mlp_dim=4 * config.vision_width, text_mlp_dim=4 * config.text_width)
 
 
 def init_params(spec: clip.CLIPSpec, seed: int) -> dict[str, Any]:

@@ -90,14 +90,16 @@ def hf_config(spec: CLIPSpec, *, logit_scale: float, bos_token_id: int, eos_toke
   if eos_token_id != spec.vocab_size - 1:
     raise ValueError(f'EOT id {eos_token_id} is not the largest id {spec.vocab_size - 1}: HF and '
                      'clip.TextTransformer would pool the text at different tokens.')
-  common = dict(hidden_act='quick_gelu', layer_norm_eps=1e-5, projection_dim=spec.embed_dim)
+  common = dict(hidden_act=spec.activation, layer_norm_eps=1e-5, projection_dim=spec.embed_dim)
   return transformers.CLIPConfig(
-      text_config=dict(hidden_size=spec.text_width, intermediate_size=4 * spec.text_width,
+      text_config=dict(hidden_size=spec.text_width,
+                       intermediate_size=spec.text_mlp_dim or 4 * spec.text_width,
                        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
                        vocab_size=spec.vocab_size, max_position_embeddings=spec.context_length,
                        bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id, **common),
-      vision_config=dict(hidden_size=spec.vision_width, intermediate_size=4 * spec.vision_width,
+      vision_config=dict(hidden_size=spec.vision_width,
+                         intermediate_size=spec.vision_mlp_dim or 4 * spec.vision_width,
                          num_hidden_layers=spec.vision_layers,
                          num_attention_heads=spec.vision_heads, image_size=h,
                          patch_size=spec.patch_size, num_channels=3, **common),
