@@ -4,6 +4,8 @@
   python -m otseg_jax.parity ../shared/reference/otseg_small.npz --x64 --converged
   python -m otseg_jax.parity otseg_holdout.npz --x64 --ot-implementation reference
   python -m otseg_jax.parity transforms ../shared/reference/transforms_cases.npz  # data pipeline
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    python -m otseg_jax.parity otseg_small.npz --x64 --converged --checks step   # the train step
 
 The dump's `config/json` describes the model; its weights go through the same converter as the
 authors' checkpoints (`convert.params_from_state_dict`), its gradients too (a state dict whose
@@ -11,6 +13,10 @@ trainable tensors are replaced by their gradients). `--converged [FILE]` takes w
 from the dump and the expected outputs from FILE (default: `<dump>_converged.npz` beside it),
 and runs the Sinkhorn solver to convergence. One line per quantity: name, max abs error, max
 error relative to the reference array's max magnitude; exit status 1 beyond tolerance.
+
+Checks: 'train' (the training forward, losses and gradients), 'eval', 'slide', 'rect' (the
+default set), and 'step': the trainer's own `train_step` under `parallel_step`, jit over the mesh
+and pmap, on every device (the dump's batch must split over them), its loss terms and gradient.
 
 Tolerances (relative to max): converged solver vs converged dump, float64 1e-6, float32 1e-4;
 default solver vs as-is dump 2e-3; the 'reference' solver (exact replica of the authors'
@@ -30,12 +36,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from otseg_jax import convert
+from otseg_jax import devices
 from otseg_jax import inference
 from otseg_jax import losses as losses_lib
 from otseg_jax import models
 from otseg_jax import params as params_lib
+from otseg_jax import trainer
 from otseg_jax.data import replay
 from otseg_jax.models import ot_layers
 
@@ -154,7 +163,7 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
   method = models.get_method(config.name)
   model = method.model_from_config(config, dtype=dtype)
   state_dict = {k: v for k, v in dump.items() if '/' not in k}
-  params, _ = convert.params_from_state_dict(state_dict, config)
+  params, unused = convert.params_from_state_dict(state_dict, config)
   cast = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
   params = cast(params)
   seen_idx = np.asarray(ref_cfg['seen_idx'])
@@ -227,18 +236,14 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
                  'total'):
       check(f'loss/{name}', terms[name], f'loss/{name}')
     check('info/num_masks', terms['num_masks'], 'info/num_masks')
-    # Gradients: the dump's torch-named gradients through the same converter.
-    grad_sd = dict(state_dict)
-    for name in _trainable_names(dump):
-      grad_sd[name] = expected[f'grad/{name}']
-    ref_grads, _ = params_lib.split_params(convert.params_from_state_dict(grad_sd, config)[0],
-                                           config.trainable)
-    ours = traverse_util.flatten_dict(grads)
-    for path, ref in sorted(traverse_util.flatten_dict(ref_grads).items()):
-      rows.append(_rows_for('grad/' + '/'.join(path), ours[path], ref, tol))
-    zero = max((float(np.abs(expected[f'grad/{n}']).max())
-                for n in dump['info/grad_none_params']), default=0.0)
-    rows.append(Row('grad of the unused tensors (stored as zeros)', zero, zero, tol))
+    rows += _grad_rows('grad/', grads, dump, expected, state_dict, config, tol)
+    rows.append(_unused_row(dump, unused))
+
+  if 'step' in checks:
+    text = jnp.asarray(dump['input/text_embeddings'][seen_idx], dtype)
+    for parallel in ('jit', 'pmap'):
+      rows += _train_step_rows(parallel, model, params, text, dump, expected, state_dict,
+                               config, tol)
 
   probabilities = functools.partial(method.eval_probabilities, config=config)
   if 'eval' in checks:
@@ -283,6 +288,76 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
   return rows
 
 
+def _grad_rows(prefix: str, grads: Any, dump: dict[str, np.ndarray],
+               expected: dict[str, np.ndarray], state_dict: dict[str, np.ndarray],
+               config: ml_collections.ConfigDict, tol: float) -> list[Row]:
+  """Our gradient tree against the dump's torch-named gradients, put through the same converter
+  (a state dict whose trainable tensors are replaced by their gradients)."""
+  grad_sd = dict(state_dict)
+  for name in _trainable_names(dump):
+    grad_sd[name] = expected[f'grad/{name}']
+  ref_grads, _ = params_lib.split_params(convert.params_from_state_dict(grad_sd, config)[0],
+                                         config.trainable)
+  ours = traverse_util.flatten_dict(grads)
+  ref = traverse_util.flatten_dict(ref_grads)
+  if ours.keys() != ref.keys():
+    raise ValueError(f'{prefix}: gradient leaves {sorted(ours.keys() ^ ref.keys())} are in only '
+                     'one of ours and the reference.')
+  return [_rows_for(prefix + '/'.join(path), ours[path], ref[path], tol) for path in sorted(ref)]
+
+
+def _unused_row(dump: dict[str, np.ndarray], unused: list[str]) -> Row:
+  """The trainable tensors the authors never use (grad None, stored as zeros in the dump) must be
+  exactly those our model has no parameter for, and so no gradient: the converter, checked
+  against the model's own parameter tree, lists them as unused. A parameter of ours fed by one
+  of them would train where the authors' does not; an unused tensor of ours that the authors
+  use would lose their gradient. Both show here by name."""
+  theirs = {str(n) for n in dump['info/grad_none_params']}
+  ours = set(unused) & set(_trainable_names(dump))
+  differ = sorted(theirs ^ ours)
+  return Row(f'grad of the {len(theirs)} tensors the authors never use: none of ours'
+             + (f' (differ: {", ".join(differ)})' if differ else ''),
+             float(len(differ)), float(len(differ)), 0.0)
+
+
+def _train_step_rows(parallel: str, model: Any, params: Any, text: jax.Array,
+                     dump: dict[str, np.ndarray], expected: dict[str, np.ndarray],
+                     state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+                     tol: float) -> list[Row]:
+  """The trainer's own step (`trainer.train_step` under `trainer.parallel_step`: the model per
+  example under vmap, its dropout keys, the cross-device sums) on the dump's batch: its loss terms
+  and its gradient. The optimizer is replaced by one that keeps the gradient it is handed as its
+  state and updates nothing, so the gradient read back is the step's own, after the sum."""
+  b = dump['input/images'].shape[0]
+  if b % jax.device_count():
+    raise ValueError(f"--checks step: the dump's batch of {b} does not split over "
+                     f'{jax.device_count()} devices.')
+  keep_gradient = optax.GradientTransformation(
+      init=lambda p: jax.tree.map(jnp.zeros_like, p),
+      update=lambda g, state, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+  trainable, frozen = params_lib.split_params(params, config.trainable)
+  state = trainer.TrainState(
+      step=np.int32(0), params=trainable, frozen=frozen, opt_state=keep_gradient.init(trainable),
+      rng=np.asarray(jax.random.PRNGKey(0), np.uint32))
+  step_fn = functools.partial(trainer.train_step, model=model, tx=keep_gradient,
+                              loss_fn=losses_lib.otseg_loss)
+  par = trainer.parallel_step(step_fn, parallel, devices.make_mesh())
+  batch = par.put_batch({
+      'image': np.asarray(_nhwc(dump['input/images']), text.dtype),
+      'label': np.asarray(dump['input/labels_mapped'][:, 0], np.int32),
+      'index': np.arange(b, dtype=np.int32)})
+  new_state, metrics = par.step(par.put(state), batch, par.put(text))
+  grads, metrics = par.host((new_state.opt_state, metrics))
+  name = f'step[{parallel}, {jax.device_count()} devices]'
+  rows = []
+  for term in ('decode.loss_mask', 'decode.loss_dice', 'score.loss_mask', 'score.loss_dice',
+               'total'):
+    # The step's metrics are float32: 6e-8 relative, within every tolerance.
+    rows.append(_rows_for(f'{name} loss/{term}', metrics[term], expected[f'loss/{term}'], tol))
+  rows.append(_rows_for(f'{name} num_masks', metrics['num_masks'], dump['info/num_masks'], tol))
+  return rows + _grad_rows(f'{name} grad/', grads, dump, expected, state_dict, config, tol)
+
+
 def _trainable_names(dump: dict[str, np.ndarray]) -> list[str]:
   """Torch names of the trainable tensors that have a gradient in the dump."""
   return [str(n) for n in dump['info/trainable_params']]
@@ -303,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                            '<dump>_converged.npz); the solver runs to convergence')
   parser.add_argument('--ot-implementation', default='ott', choices=['ott', 'reference'])
   parser.add_argument('--tol', type=float, default=None, help='override the relative tolerance')
-  parser.add_argument('--checks', default='train,eval,slide,rect')
+  parser.add_argument('--checks', default='train,eval,slide,rect',
+                      help="comma-separated groups; 'step' (the trainer's step) is not a default")
   parser.add_argument('--attention-query-chunk', type=int, default=None,
                       help='queries per block of chunked attention in the image tower (0: dense; '
                       'default: the model config\'s)')

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import load_reference
 from otseg_jax import classes as classes_lib
 from otseg_jax.data import fake_trees, pipeline, prepare, transforms
 
@@ -146,6 +147,25 @@ def test_visibility_table():
   with pytest.raises(ValueError, match='unseen'):
     labels.visibility_table('inductive', 5, (5,))
 
+
+
+@pytest.mark.parametrize('dump', ['otseg_small.npz', 'otseg_holdout.npz'])
+def test_visibility_table_is_the_authors(dump):
+  """Inductive training labels against the authors' `_visiable_mask` in the dumps (the only
+  setting they cover): their 256-entry table with -1 read as 255 (the head does that), and the
+  mapped labels of the dump's raw labels."""
+  from otseg_jax.data import labels
+  ref = load_reference(dump)
+  config = json.loads(str(ref['config/json']))
+  unseen = sorted(set(config['all_idx']) - set(config['seen_idx']))
+  table = labels.visibility_table('inductive', len(config['all_idx']), unseen)
+  authors = np.where(ref['info/visibility_map'] == -1, 255, ref['info/visibility_map'])
+  np.testing.assert_array_equal(table, authors)
+  np.testing.assert_array_equal(table[ref['input/labels']], ref['input/labels_mapped'])
+  # The dump's labels hold seen, unseen and ignore pixels, so all three branches were compared.
+  raw = ref['input/labels']
+  assert np.isin(raw, config['seen_idx']).any() and np.isin(raw, unseen).any()
+  assert (raw == 255).any()
 
 def test_eval_iter_shapes_labels_and_padding(prepared):
   split = pipeline.load_split('custom/tiny', 'train', prepared)  # 5 records, 40x48

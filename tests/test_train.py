@@ -332,12 +332,41 @@ def test_two_processes_give_the_same_run(tmp_path, jax_cache, one_device_run):
   assert got['mIoU'] == pytest.approx(expected['mIoU'], abs=0.5)
 
 
+# train.py as it is, with OTSeg's pseudo-labels recorded from inside the step: the inputs and the
+# result of every call (jax.debug.callback runs on the host during the step).
+_RECORD_PSEUDO_LABELS = r'''
+import runpy
+import sys
+import jax
+import numpy as np
+from otseg_jax.models import otseg
+
+out_path, sys.argv = sys.argv[1], ['train.py'] + sys.argv[2:]
+real, calls = otseg.pseudo_labels, []
+
+def recording(maps, labels, seen, config):
+  out = real(maps, labels, seen, config)
+  jax.debug.callback(lambda *arrays: calls.append([np.asarray(a) for a in arrays]),
+                     maps['decoder'], maps['score'], labels, out)
+  return out
+
+otseg.pseudo_labels = recording
+try:
+  runpy.run_path('train.py', run_name='__main__')
+finally:
+  np.savez(out_path, **{f'{name}_{i}': a for i, call in enumerate(calls)
+                        for name, a in zip(('decoder', 'score', 'labels', 'out'), call)})
+'''
+
+
 def test_transductive_self_training_from_an_inductive_run(tmp_path, jax_cache, one_device_run):
   workdir = tmp_path / 'transductive'
   args = [a for a in PARITY if 'num_train_steps' not in a]
-  _check(_run(_train_cmd(workdir, *args, '--config.num_train_steps=2', '--config.seed=1',
-                         f'--config.init_from={one_device_run}',
-                         config='configs/tiny.py:transductive'), jax_cache))
+  record = tmp_path / 'pseudo_labels.npz'
+  _check(_run([sys.executable, '-c', _RECORD_PSEUDO_LABELS, str(record),
+               *_train_cmd(workdir, *args, '--config.num_train_steps=2', '--config.seed=1',
+                           f'--config.init_from={one_device_run}',
+                           config='configs/tiny.py:transductive')[2:]], jax_cache))
   config = json.loads((workdir / 'config.json').read_text())
   assert config['setting'] == 'transductive' and config['model']['calibration'] == 0.0
   losses = _losses(workdir)
@@ -347,3 +376,29 @@ def test_transductive_self_training_from_an_inductive_run(tmp_path, jax_cache, o
   start, end = _params(one_device_run), _params(workdir)
   for name in ('decode_head/q_proj/kernel', 'backbone/conv1/kernel'):
     assert np.abs(end[name] - start[name]).max() < 5e-3, name
+
+  # The labels the loss got: every pixel of an unseen class carries the argmax over the unseen
+  # classes of sigmoid(b * score + (1 - b) * decoder) (numpy, in float64 here), every other pixel
+  # its own label.
+  unseen = np.asarray(json.loads((workdir / 'params' / 'metadata.json').read_text())['unseen'])
+  b = config['model']['pseudo_label_balance']
+  with np.load(record) as f:
+    calls = [{k: f[f'{k}_{i}'] for k in ('decoder', 'score', 'labels', 'out')}
+             for i in range(len(f.files) // 4)]
+  assert len(calls) == 2  # one per step
+  relabelled = 0
+  for c in calls:
+    logits = b * c['score'].astype(np.float64) + (1 - b) * c['decoder'].astype(np.float64)
+    probs = np.full(logits.shape, -1.0)
+    probs[..., unseen] = 1 / (1 + np.exp(-logits[..., unseen]))
+    want = probs.argmax(-1)
+    at = np.isin(c['labels'], unseen)
+    assert at.any()
+    assert np.isin(c['out'][at], unseen).all()
+    # A pixel may differ only where float32 cannot tell its two best unseen classes apart.
+    got = np.take_along_axis(probs, np.clip(c['out'], 0, probs.shape[-1] - 1)[..., None], -1)
+    gap = probs.max(-1) - got[..., 0]
+    assert (gap[at & (c['out'] != want)] < 1e-6).all()
+    np.testing.assert_array_equal(c['out'][~at], c['labels'][~at])
+    relabelled += int((c['out'][at] != c['labels'][at]).sum())
+  assert relabelled > 0  # the ground truth is not what came back

@@ -83,17 +83,18 @@ def test_lr_mult_zero_freezes():
 
 def test_pseudo_labels():
   # K = 4 classes, seen 0, 1; unseen 2, 3. Two pixels whose ground truth is unseen, one seen, one
-  # ignored.
+  # ignored. The unseen pixels' ground truth (3, 2) is NOT their argmax, so a function that returns
+  # its input labels fails.
   decoder = jnp.array([[[[9.0, 0.0, 1.0, -1.0], [9.0, 0.0, -1.0, 1.0],
                          [0.0, 0.0, 5.0, 0.0], [0.0, 0.0, 5.0, 0.0]]]])  # (1, 1, 4, 4)
   score = jnp.zeros_like(decoder)
-  labels = jnp.array([[[2, 3, 1, 255]]])
+  labels = jnp.array([[[3, 2, 1, 255]]])
   seen = np.array([True, True, False, False])
   config = otseg.get_config()  # pseudo_label_balance 0.5
   out = otseg.pseudo_labels({'decoder': decoder, 'score': score}, labels, seen, config)
   # Pixel 0: the seen class 0 has the highest logit but seen channels are excluded -> 2.
-  # Pixel 1 -> 3. Seen and ignored pixels keep their labels.
+  # Pixel 1 -> 3. Seen and ignored pixels keep their labels, though class 2 scores highest there.
   np.testing.assert_array_equal(out, [[[2, 3, 1, 255]]])
-  # The score map counts with weight 0.5.
+  # The score map counts with weight 0.5: 0.5 * (-4 x) + 0.5 * x flips the unseen argmax.
   out = otseg.pseudo_labels({'decoder': decoder, 'score': -4 * decoder}, labels, seen, config)
   np.testing.assert_array_equal(out, [[[3, 2, 1, 255]]])
