@@ -76,9 +76,14 @@ def hf_state_dict(params: Params, logit_scale: float) -> dict[str, np.ndarray]:
   return {k: np.array(x, np.float32, order='C') for k, x in sd.items()}
 
 
-def hf_config(spec: CLIPSpec, *, logit_scale: float, bos_token_id: int, eos_token_id: int,
-              pad_token_id: int) -> Any:
-  """The `transformers.CLIPConfig` of `spec` (QuickGELU, LayerNorm eps 1e-5, MLP ratio 4, as ours).
+def _mlp_width(transformer: Params) -> int:
+  return int(np.shape(transformer['resblocks_0']['mlp']['c_fc']['kernel'])[1])
+
+
+def hf_config(spec: CLIPSpec, params: Params, *, logit_scale: float, bos_token_id: int,
+              eos_token_id: int, pad_token_id: int) -> Any:
+  """The `transformers.CLIPConfig` of `spec` and `params` (QuickGELU, LayerNorm eps 1e-5, as
+  `clip.py`; the MLP widths read from the weights).
 
   HF pools the text at the first `eos_token_id`, we at the largest id: the tokenizer's EOT must be
   its largest id for the two to agree (OpenAI's layout).
@@ -93,13 +98,13 @@ def hf_config(spec: CLIPSpec, *, logit_scale: float, bos_token_id: int, eos_toke
   common = dict(hidden_act=spec.activation, layer_norm_eps=1e-5, projection_dim=spec.embed_dim)
   return transformers.CLIPConfig(
       text_config=dict(hidden_size=spec.text_width,
-                       intermediate_size=spec.text_mlp_dim or 4 * spec.text_width,
+                       intermediate_size=_mlp_width(params['text']['transformer']),
                        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
                        vocab_size=spec.vocab_size, max_position_embeddings=spec.context_length,
                        bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                        pad_token_id=pad_token_id, **common),
       vision_config=dict(hidden_size=spec.vision_width,
-                         intermediate_size=spec.vision_mlp_dim or 4 * spec.vision_width,
+                         intermediate_size=_mlp_width(params['visual']['transformer']),
                          num_hidden_layers=spec.vision_layers,
                          num_attention_heads=spec.vision_heads, image_size=h,
                          patch_size=spec.patch_size, num_channels=3, **common),
@@ -113,7 +118,7 @@ def save_hf_clip(directory, spec: CLIPSpec, params: Params, logit_scale: float, 
   callers write into a temporary directory and rename it, so readers never see half of one)."""
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
-  config = hf_config(spec, logit_scale=logit_scale, bos_token_id=bos_token_id,
+  config = hf_config(spec, params, logit_scale=logit_scale, bos_token_id=bos_token_id,
                      eos_token_id=eos_token_id, pad_token_id=pad_token_id)
   config.save_pretrained(directory)
   # transformers refuses a safetensors file without format metadata.
