@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from otseg_jax.classes import IGNORE_INDEX
+from otseg_jax import classes
 
 
 def confusion_matrix(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+                     ignore_index: int = classes.IGNORE_INDEX) -> np.ndarray:
   """Pixel counts of (ground truth, prediction) pairs.
 
   Args:
