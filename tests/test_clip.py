@@ -170,7 +170,7 @@ def test_posemb_resize_reference():
     sd = {'conv1.weight': np.zeros((d, 3, 16, 16)), 'class_embedding': np.zeros(d),
           'positional_embedding': pos14, 'proj': np.zeros((d, 8)),
           **{k: np.zeros(s)
-             for k, s in clip_weights._block_shapes('transformer.resblocks.0.', d).items()},
+             for k, s in clip_weights._block_shapes('transformer.resblocks.0.', d, 4 * d).items()},
           **{f'{n}.{w}': np.ones(d) for n in ('ln_pre', 'ln_post') for w in ('weight', 'bias')}}
     loaded = clip_weights.visual_params_from_state_dict(sd, image_size=512)['positional_embedding']
   want = ref['positional_embedding_32x32']
