@@ -402,6 +402,47 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.checkpoint_every_steps and config.log_every_steps must be positive.')
 
 
+def restore_newest_intact(mngr: ocp.CheckpointManager, ckpt_dir: pathlib.Path,
+                          args: Any) -> tuple[int | None, Any]:
+  """(step, restored) of the newest checkpoint that restores, or (None, None) when there is none.
+
+  A checkpoint that does not restore (a truncated file after a full disk, a bad copy) is moved
+  aside to `<step>.unreadable` with a warning naming its step and file: kept for inspection, out
+  of orbax's step list (so neither `max_to_keep` deletes it nor a later save of the same step
+  collides with it). When no checkpoint restores, nothing is moved and the run stops naming the
+  newest broken one.
+  """
+  broken = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=args)
+    except Exception as e:  # orbax, tensorstore and json raise many types; all mean unreadable.
+      what = checkpoint_lib.describe_unreadable(ckpt_dir / str(step), e)
+      broken.append((step, what))
+      logging.warning('Checkpoint step %d is unreadable: %s. Trying the one before.', step, what)
+      continue
+    for bad_step, _ in broken:
+      kept = ckpt_dir / f'{bad_step}.unreadable'
+      n = 1
+      while kept.exists():  # the same step may have broken before
+        kept, n = ckpt_dir / f'{bad_step}.unreadable-{n}', n + 1
+      if jax.process_index() == 0:
+        os.replace(ckpt_dir / str(bad_step), kept)
+      logging.warning('Resuming from step %d instead of the unreadable step %d, kept as %s.',
+                      step, bad_step, kept)
+    if broken:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('unreadable checkpoints moved aside')
+      mngr.reload()
+    return step, restored
+  if broken:
+    step, what = broken[0]
+    raise ValueError(
+        f'No checkpoint in {ckpt_dir} restores; the newest, step {step}, is unreadable: {what}. '
+        f'Restore {ckpt_dir} from a backup, or move it away to train from the start.')
+  return None, None
+
+
 def _host_metrics(values: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(values).items()}
 
@@ -484,15 +525,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           create=True),
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler()})
-  latest = mngr.latest_step()
+  replicated = NamedSharding(devices.make_mesh(), P())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+      host_state)
+  latest, restored = restore_newest_intact(mngr, ckpt_dir, ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      data=grain.checkpoint.CheckpointRestore(train_iter)))
   if latest is not None:
-    replicated = NamedSharding(devices.make_mesh(), P())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
-        host_state)
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(train_iter)))
     host_state = devices.to_host(restored.state)
     logging.info('Resumed from %s at step %d.', ckpt_dir / str(latest), latest)
 

@@ -227,6 +227,41 @@ def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, ja
       assert got[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  return path
+
+
+def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tmp_path, jax_cache):
+  workdir = tmp_path / 'broken'
+  args = ['--config.num_train_steps=6', '--config.checkpoint_every_steps=2',
+          '--config.max_to_keep=2', *QUICK]
+  _check(_run(_train_cmd(workdir, *args), jax_cache))
+  assert _steps(workdir) == [4, 6]
+  # A truncated array file in the latest step: resume from step 4, keep step 6 aside.
+  arrays = sorted((workdir / 'checkpoints' / '6' / 'state').rglob('d/*'),
+                  key=lambda p: p.stat().st_size)
+  broken = _truncate(arrays[-1])
+  proc = _check(_run(_train_cmd(workdir, *args), jax_cache))
+  assert 'step 6 is unreadable' in proc.stderr and broken.name in proc.stderr, proc.stderr[-3000:]
+  assert 'at step 4' in proc.stderr and 'Traceback' not in proc.stderr
+  kept = workdir / 'checkpoints' / '6.unreadable'
+  assert (kept / broken.relative_to(workdir / 'checkpoints' / '6')).is_file()
+  assert _steps(workdir) == [4, 6]  # step 6 trained again and saved beside the kept one
+
+  # No step restores (truncated JSON metadata in both): one line naming the step and the file.
+  for step in (4, 6):
+    bad_json = _truncate(workdir / 'checkpoints' / str(step) / 'state' / '_METADATA')
+  for cmd in (_train_cmd(workdir, *args),
+              [sys.executable, str(REPO / 'eval.py'), f'--config={REPO}/configs/tiny.py',
+               f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}']):
+    proc = _run(cmd, jax_cache)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert 'step 6' in last and str(bad_json) in last and 'not valid JSON' in last, last
+  assert kept.is_dir() and (workdir / 'checkpoints' / '6').is_dir()
+
+
 _NAN_SCRIPT = r'''
 import sys
 import grain
