@@ -189,7 +189,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], text_input: An
     axis_name: the pmap axis; None under jit (the batch is global there).
 
   Returns:
-    The new state and scalar metrics: the loss terms, 'grad_norm', 'num_masks'.
+    The new state and scalar metrics: the loss terms, 'grad_norm', 'num_masks', and
+    'sinkhorn/<path>/mean' and '/max' over the batch for the model's Sinkhorn paths (aux's
+    'sinkhorn_iterations_by_path').
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   # One dropout key per example from its global index: the randomness, and so the result, does
@@ -204,26 +206,36 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], text_input: An
                        method='encode_text')
 
     def forward_one(image, key):
-      maps, _ = model.apply(variables, image[None], text, train=True, rngs={'dropout': key})
-      return {k: v[0] for k, v in maps.items()}
+      maps, aux = model.apply(variables, image[None], text, train=True, rngs={'dropout': key})
+      return ({k: v[0] for k, v in maps.items()},
+              {k: jnp.max(v) for k, v in aux.get('sinkhorn_iterations_by_path', {}).items()})
 
-    maps = jax.vmap(forward_one)(batch['image'], keys)
+    maps, iterations = jax.vmap(forward_one)(batch['image'], keys)
     labels = batch['label']
     if pseudo_labels is not None:
       labels = pseudo_labels(maps, labels)
     terms = loss_fn(maps, labels, axis_name=axis_name)
-    return terms['total'], terms
+    return terms['total'], (terms, iterations)
 
-  grads, terms = jax.grad(loss_of, has_aux=True)(state.params)
+  grads, (terms, iterations) = jax.grad(loss_of, has_aux=True)(state.params)
+  # Sinkhorn iteration counts per path, mean and max over the batch: they rise as the features
+  # sharpen during training, and the step time with them.
+  counts = {}
+  for path, n in iterations.items():
+    n = jnp.asarray(n, jnp.float32)
+    counts[f'sinkhorn/{path}/mean'], counts[f'sinkhorn/{path}/max'] = jnp.mean(n), jnp.max(n)
   if axis_name is not None:
     # Each device's loss is its share of the global loss (num_masks is summed over devices), so
     # the global gradient is the SUM of the device gradients.
     grads = jax.lax.psum(grads, axis_name)
     terms = {k: v if k == 'num_masks' else jax.lax.psum(v, axis_name) for k, v in terms.items()}
+    counts = {k: (jax.lax.pmax if k.endswith('/max') else jax.lax.pmean)(v, axis_name)
+              for k, v in counts.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics_ = {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
   metrics_['grad_norm'] = optax.global_norm(grads)
+  metrics_.update(counts)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics_
 
@@ -357,6 +369,19 @@ def _format_eta(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def _sinkhorn_at_cap(means: Mapping[str, float], cap: int | None) -> str:
+  """' | Sinkhorn at the cap of 20 (mean/max): mps 12.5/20, ...' for the paths whose count
+  reached the iteration cap in the interval, else ''. Steps slow down as the counts rise."""
+  if not cap:
+    return ''
+  paths = [k[len('sinkhorn/'):-len('/max')] for k in means
+           if k.startswith('sinkhorn/') and k.endswith('/max') and means[k] >= cap]
+  if not paths:
+    return ''
+  return f' | Sinkhorn at the cap of {cap} (mean/max): ' + ', '.join(
+      f'{p} {means[f"sinkhorn/{p}/mean"]:.1f}/{means[f"sinkhorn/{p}/max"]:.0f}' for p in paths)
 
 
 class _StopFlag:
@@ -590,6 +615,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   schedules = {label: g['schedule'] for label, g in groups.items()}
   main_group = max(groups, key=lambda label: groups[label]['count'])
   history: list[dict[str, float]] = []
+  cap = config.model.get('ot', {}).get('max_iterations')
   pending = None  # (step, device metrics) of the last dispatched step, fetched one step later
   interval_start, interval_step = time.time(), step
   results: dict[str, Any] = {}
@@ -621,11 +647,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         steps_done = step - interval_step
         rate = steps_done * config.batch_size / max(elapsed, 1e-9)
         eta = (config.num_train_steps - step) * elapsed / max(steps_done, 1)
-        means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        # Means over the interval, except the maxima (Sinkhorn counts), whose max is kept.
+        means = {k: float((np.max if k.endswith('/max') else np.mean)([h[k] for h in history]))
+                 for k in history[0]}
         lrs = {f'lr/{label}': float(fn(step - 1)) for label, fn in schedules.items()}
         lr = lrs[f'lr/{main_group}']
-        logging.info('step %d/%d | loss %.4f | lr %.3g | %.1f img/s | ETA %s', step,
-                     config.num_train_steps, means['total'], lr, rate, _format_eta(eta))
+        logging.info('step %d/%d | loss %.4f | lr %.3g | %.1f img/s | ETA %s%s', step,
+                     config.num_train_steps, means['total'], lr, rate, _format_eta(eta),
+                     _sinkhorn_at_cap(means, cap))
         writer.write(step, {**{f'train/{k}': v for k, v in means.items()}, **lrs,
                             'train/images_per_sec': rate})
         history = []

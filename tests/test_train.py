@@ -111,6 +111,13 @@ def test_train_then_eval_end_to_end(tmp_path, jax_cache):
   assert (workdir / 'params' / 'metadata.json').is_file() and _steps(workdir)[-1] == E2E_STEPS
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'eval/hIoU' in r] == [300, E2E_STEPS]  # periodic, final
+  # Sinkhorn iteration counts of the MPS path and each decoder layer, in the log and TensorBoard.
+  cap = 20  # configs/tiny.py's config.model.ot.max_iterations
+  for path in ('mps', 'layers_0', 'layers_1'):
+    mean, top = records[0][f'train/sinkhorn/{path}/mean'], records[0][f'train/sinkhorn/{path}/max']
+    assert 1 <= mean <= top <= cap, (path, mean, top)
+  events = b''.join(p.read_bytes() for p in (workdir / 'tensorboard').glob('events.out.*'))
+  assert b'train/sinkhorn/layers_1/max' in events
   assert records[-1]['eval/hIoU'] == pytest.approx(results['hIoU'])
 
   # eval.py on the workdir reproduces the training run's final evaluation.
