@@ -321,16 +321,25 @@ class MetricWriter:
   tensorboard package.
   """
 
-  def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_step: int):
+  def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_step: int,
+               final_step: int):
     self.enabled = jax.process_index() == 0
     self.path = workdir / 'metrics.jsonl'
     self._tb = None
     if not self.enabled:
       return
+
+    def still_valid(record):
+      # What was logged after the checkpoint we resume from runs again, and so does the final
+      # evaluation when a finished run is resumed (the periodic ones at the checkpoint's step
+      # do not: they ran after its save).
+      if record.get('step', 0) != resume_step:
+        return record.get('step', 0) < resume_step
+      return resume_step < final_step or not any(k.startswith('eval/') for k in record)
+
     if self.path.exists() and resume_step >= 0:
-      # Drop what was logged after the checkpoint we resume from: those steps run again.
       kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get('step', 0) <= resume_step]
+              if line.strip() and still_valid(json.loads(line))]
       tmp = self.path.with_suffix('.jsonl.tmp')
       tmp.write_text(''.join(line + '\n' for line in kept))
       os.replace(tmp, self.path)
@@ -610,19 +619,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # The loop.
   writer = MetricWriter(workdir, config.tensorboard and is_main,
-                        resume_step=-1 if latest is None else latest)
+                        resume_step=-1 if latest is None else latest,
+                        final_step=config.num_train_steps)
   stop = _StopFlag().install()
   schedules = {label: g['schedule'] for label, g in groups.items()}
   main_group = max(groups, key=lambda label: groups[label]['count'])
   history: list[dict[str, float]] = []
   cap = config.model.get('ot', {}).get('max_iterations')
   pending = None  # (step, device metrics) of the last dispatched step, fetched one step later
-  interval_start, interval_step = time.time(), step
+  # Rates and the ETA leave out this process's first step (compilation, input warm-up) and the
+  # periodic evaluations: they would make the first ETA far too long.
+  interval_start = interval_step = None
+  loop_start = time.time()
+  first_step_seconds = None
   results: dict[str, Any] = {}
   try:
     while step < config.num_train_steps:
       state, step_metrics = par.step(state, global_batch(next(train_iter)), text)
       step += 1
+      if interval_step is None:
+        jax.block_until_ready(step_metrics)
+        first_step_seconds = time.time() - loop_start
+        interval_start, interval_step = time.time(), step
       # Fetch the previous step's metrics now: the device already runs this one.
       if pending is not None:
         values = _host_metrics(pending[1])
@@ -645,18 +663,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if log_now and history:
         elapsed = time.time() - interval_start
         steps_done = step - interval_step
-        rate = steps_done * config.batch_size / max(elapsed, 1e-9)
-        eta = (config.num_train_steps - step) * elapsed / max(steps_done, 1)
+        speed = {}
+        if steps_done:
+          speed['train/images_per_sec'] = steps_done * config.batch_size / max(elapsed, 1e-9)
+          eta = (config.num_train_steps - step) * elapsed / steps_done
+          timing = f'{speed["train/images_per_sec"]:.1f} img/s | ETA {_format_eta(eta)}'
+        else:  # only the first step in this interval: no rate yet
+          timing = 'rate and ETA from the next log'
+        if first_step_seconds is not None:
+          speed['train/first_step_seconds'] = first_step_seconds
+          timing += f' | first step (compilation) {first_step_seconds:.1f}s'
+          first_step_seconds = None
         # Means over the interval, except the maxima (Sinkhorn counts), whose max is kept.
         means = {k: float((np.max if k.endswith('/max') else np.mean)([h[k] for h in history]))
                  for k in history[0]}
         lrs = {f'lr/{label}': float(fn(step - 1)) for label, fn in schedules.items()}
         lr = lrs[f'lr/{main_group}']
-        logging.info('step %d/%d | loss %.4f | lr %.3g | %.1f img/s | ETA %s%s', step,
-                     config.num_train_steps, means['total'], lr, rate, _format_eta(eta),
-                     _sinkhorn_at_cap(means, cap))
-        writer.write(step, {**{f'train/{k}': v for k, v in means.items()}, **lrs,
-                            'train/images_per_sec': rate})
+        logging.info('step %d/%d | loss %.4f | lr %.3g | %s%s', step, config.num_train_steps,
+                     means['total'], lr, timing, _sinkhorn_at_cap(means, cap))
+        writer.write(step, {**{f'train/{k}': v for k, v in means.items()}, **lrs, **speed})
         history = []
         interval_start, interval_step = time.time(), step
       if stop_now:
@@ -665,7 +690,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                         'command to resume.', step, ckpt_dir)
         return {'preempted': True, 'step': step}
       if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and not is_last:
+        eval_start = time.time()
         periodic = run_eval(host_params(), None, config.eval.max_images)
+        interval_start += time.time() - eval_start  # not training time
         writer.write(step, {f'eval/{k}': periodic[k]
                             for k in ('mIoU', 'seen_mIoU', 'unseen_mIoU', 'hIoU')})
         logging.info('eval at step %d: %s', step, metrics.format_summary(periodic))

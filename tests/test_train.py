@@ -8,6 +8,7 @@ patch 8, width 32, 2 layers, 32 x 32 images).
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -389,3 +390,20 @@ def test_transductive_self_training_from_an_inductive_run(tmp_path, jax_cache, o
   start, end = _params(one_device_run), _params(workdir)
   for name in ('decode_head/q_proj/kernel', 'backbone/conv1/kernel'):
     assert np.abs(end[name] - start[name]).max() < 5e-3, name
+
+
+def test_first_step_is_left_out_of_the_rate_and_a_rerun_adds_no_eval_row(tmp_path, jax_cache,
+                                                                          one_device_run):
+  lines = (one_device_run / 'metrics.jsonl').read_text().splitlines()
+  train = {r['step']: r for r in map(json.loads, lines) if 'train/total' in r}
+  # Step 1 compiles: it gets its own time, and the rates (so the ETA) start after it.
+  assert 'train/images_per_sec' not in train[1] and train[1]['train/first_step_seconds'] > 0
+  assert all(train[s]['train/images_per_sec'] > 0 for s in (2, 3))
+  assert all('train/first_step_seconds' not in train[s] for s in (2, 3))
+  # Rerunning a finished run evaluates again; its row replaces the earlier one.
+  workdir = tmp_path / 'rerun'
+  shutil.copytree(one_device_run, workdir)
+  _check(_run(_train_cmd(workdir, *PARITY, '--config.eval_every_steps=0'), jax_cache))
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'eval/hIoU' in r] == [3]
+  assert len(records) == len(lines)
