@@ -11,6 +11,8 @@ and the labels mapped back to the original size.
 
 Writes, per image: NAME_mask.png (8-bit class index per pixel, in --classes order) and
 NAME_overlay.png (image | coloured prediction, with a legend); and classes.json (index -> name).
+A file that is not a readable image is reported and skipped; the exit status is then 1, after the
+rest of the list is done.
 """
 
 import argparse
