@@ -102,8 +102,9 @@ def describe_unreadable(step_dir: str | os.PathLike, error: BaseException) -> st
     if path.stat().st_size in sizes:
       return f'{path} (truncated: {reason})'
   for path in files:
-    if path.read_bytes()[:1] not in (b'{', b'['):
-      continue
+    with open(path, 'rb') as f:  # the first byte only: array files may be gigabytes
+      if f.read(1) not in (b'{', b'['):
+        continue
     try:
       json.loads(path.read_bytes())
     except ValueError as e:

@@ -190,9 +190,17 @@ RESUME = ['--config.num_train_steps=40', '--config.checkpoint_every_steps=4',
           '--config.max_to_keep=3', '--config.async_checkpointing=True', *QUICK]
 
 
-def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, jax_cache):
-  reference = tmp_path / 'reference'
+@pytest.fixture(scope='module')
+def resume_reference(tmp_path_factory, jax_cache):
+  """An uninterrupted RESUME run (checkpoints 32, 36, 40); copy it before changing it."""
+  reference = tmp_path_factory.mktemp('resume') / 'reference'
   _check(_run(_train_cmd(reference, *RESUME), jax_cache))
+  return reference
+
+
+def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, jax_cache,
+                                                                      resume_reference):
+  reference = resume_reference
 
   workdir = tmp_path / 'interrupted'
   env = _env(jax_cache)
@@ -240,34 +248,34 @@ def _truncate(path):
   return path
 
 
-def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tmp_path, jax_cache):
+def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tmp_path, jax_cache,
+                                                              resume_reference):
   workdir = tmp_path / 'broken'
-  args = ['--config.num_train_steps=6', '--config.checkpoint_every_steps=2',
-          '--config.max_to_keep=2', *QUICK]
-  _check(_run(_train_cmd(workdir, *args), jax_cache))
-  assert _steps(workdir) == [4, 6]
-  # A truncated array file in the latest step: resume from step 4, keep step 6 aside.
-  arrays = sorted((workdir / 'checkpoints' / '6' / 'state').rglob('d/*'),
+  shutil.copytree(resume_reference, workdir)
+  assert _steps(workdir) == [32, 36, 40]
+  # A truncated array file in the latest step: resume from step 36, keep step 40 aside.
+  arrays = sorted((workdir / 'checkpoints' / '40' / 'state').rglob('d/*'),
                   key=lambda p: p.stat().st_size)
   broken = _truncate(arrays[-1])
-  proc = _check(_run(_train_cmd(workdir, *args), jax_cache))
-  assert 'step 6 is unreadable' in proc.stderr and broken.name in proc.stderr, proc.stderr[-3000:]
-  assert 'at step 4' in proc.stderr and 'Traceback' not in proc.stderr
-  kept = workdir / 'checkpoints' / '6.unreadable'
-  assert (kept / broken.relative_to(workdir / 'checkpoints' / '6')).is_file()
-  assert _steps(workdir) == [4, 6]  # step 6 trained again and saved beside the kept one
+  proc = _check(_run(_train_cmd(workdir, *RESUME), jax_cache))
+  assert 'step 40 is unreadable' in proc.stderr and broken.name in proc.stderr, proc.stderr[-3000:]
+  assert 'at step 36' in proc.stderr and 'Traceback' not in proc.stderr
+  kept = workdir / 'checkpoints' / '40.unreadable'
+  assert (kept / broken.relative_to(workdir / 'checkpoints' / '40')).is_file()
+  # Step 40 trained again and saved beside the kept one, which max_to_keep=3 left alone.
+  assert _steps(workdir) == [32, 36, 40]
 
-  # No step restores (truncated JSON metadata in both): one line naming the step and the file.
-  for step in (4, 6):
+  # No step restores (truncated JSON metadata in all): one line naming the step and the file.
+  for step in (32, 36, 40):
     bad_json = _truncate(workdir / 'checkpoints' / str(step) / 'state' / '_METADATA')
-  for cmd in (_train_cmd(workdir, *args),
+  for cmd in (_train_cmd(workdir, *RESUME),
               [sys.executable, str(REPO / 'eval.py'), f'--config={REPO}/configs/tiny.py',
                f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}']):
     proc = _run(cmd, jax_cache)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert 'step 6' in last and str(bad_json) in last and 'not valid JSON' in last, last
-  assert kept.is_dir() and (workdir / 'checkpoints' / '6').is_dir()
+    assert 'step 40' in last and str(bad_json) in last and 'not valid JSON' in last, last
+  assert kept.is_dir() and (workdir / 'checkpoints' / '40').is_dir()
 
 
 _NAN_SCRIPT = r'''
