@@ -6,7 +6,8 @@ r"""Trains OTSeg: `python train.py --config CONFIG[:ARG] --workdir DIR [--config
   python train.py --config configs/voc12.py:transductive --workdir runs/voc12_st \
       --config.init_from=runs/voc12
 
-A run resumes from the latest checkpoint in --workdir. Several processes (one per host):
+A run resumes from the latest checkpoint in --workdir. Stopped by SIGTERM, it saves a checkpoint
+and exits with code 143 (128 + SIGTERM): preempted, rerun to resume. Several processes (one per host):
   --num_processes=2 --process_id=0 --coordinator_address=HOST:PORT  (or --multihost on SLURM/TPU).
 """
 
@@ -20,6 +21,8 @@ from otseg_jax import cli
 from otseg_jax import devices
 from otseg_jax import metrics
 from otseg_jax import trainer
+
+PREEMPTED_EXIT_CODE = 143  # stopped by SIGTERM after saving a checkpoint: rerun to resume
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file and argument, e.g. configs/voc12.py:transductive.',
@@ -42,6 +45,9 @@ def main(argv):
     sys.exit(f'train.py: error: {e}')
   if results.get('preempted'):
     print(f'Stopped at step {results["step"]}; rerun the same command to resume.')
+    # 128 + SIGTERM, what a shell reports for a process killed by SIGTERM: SLURM, Kubernetes and
+    # most job runners read it as "preempted", not as success (0) or a failure to look into.
+    sys.exit(PREEMPTED_EXIT_CODE)
   elif results:
     print(f'{results["split"]}: {metrics.format_summary(results)}')
     print(f'Reports and pictures: {_WORKDIR.value}/eval (overlays/, per_class_iou.png)')

@@ -11,6 +11,7 @@ end, so a crash never leaves a half-written DIR behind.
 import json
 import os
 import pathlib
+import re
 import shutil
 from collections.abc import Sequence
 from typing import Any
@@ -74,3 +75,41 @@ def load_params(directory: str | os.PathLike) -> tuple[Any, dict]:
     raise ValueError(f'{directory} is corrupt or unreadable ({type(e).__name__}: {reason}). '
                      'Re-create it with `python -m otseg_jax.convert`.') from e
   return jax.tree.map(np.asarray, params), metadata
+
+
+def describe_unreadable(step_dir: str | os.PathLike, error: BaseException) -> str:
+  """'FILE (what is wrong)' for a training checkpoint step that failed to restore with `error`.
+
+  orbax's messages are long, a tensorstore error names the database directory but not the
+  truncated file, and a JSON parse error names no file at all, so the file is found here: one
+  named in the messages of the error's chain, else the file whose size a short read reports, else
+  the first JSON file that does not parse (orbax's metadata files are JSON whatever their name),
+  else the step directory.
+  """
+  step_dir = pathlib.Path(step_dir)
+  messages = []
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    messages.append(' '.join(str(error).split()))
+    error = error.__cause__ or error.__context__
+  # The innermost error is the one that says what went wrong (orbax wraps it in generic ones).
+  reason = messages[-1][:300]
+  text = ' '.join(messages)
+  files = sorted(p for p in step_dir.rglob('*') if p.is_file())
+  for path in files:
+    if str(path) in text:
+      return f'{path} ({reason})'
+  sizes = [int(n) for n in re.findall(r'value of size (\d+)', text)]
+  for path in files:
+    if path.stat().st_size in sizes:
+      return f'{path} (truncated: {reason})'
+  for path in files:
+    with open(path, 'rb') as f:  # the first byte only: array files may be gigabytes
+      if f.read(1) not in (b'{', b'['):
+        continue
+    try:
+      json.loads(path.read_bytes())
+    except ValueError as e:
+      return f'{path} (not valid JSON: {e})'
+  return f'{step_dir} ({reason})'

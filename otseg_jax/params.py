@@ -119,10 +119,17 @@ def load_params_any(path: str | os.PathLike) -> Any:
       step = mngr.latest_step()
       if step is not None:
         # As numpy, whatever devices and processes wrote it.
-        tree = mngr.item_metadata(step)['state'].tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        restored = mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+        try:
+          tree = mngr.item_metadata(step)['state'].tree
+          restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+          restored = mngr.restore(step, args=ocp.args.Composite(
+              state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+        except Exception as e:  # orbax, tensorstore and json raise many types; all mean unreadable.
+          what = checkpoint_lib.describe_unreadable(ckpt_dir / str(step), e)
+          raise ValueError(
+              f'{path}: its latest checkpoint, step {step}, is unreadable: {what}. Rerun train.py '
+              f'on {path} (it resumes from the newest readable step and keeps the broken one as '
+              f'{step}.unreadable), or pass a parameter checkpoint.') from e
         state = restored['state']
         return jax.tree.map(np.asarray, merge_params(state['params'], state['frozen']))
   if not path.exists():

@@ -11,6 +11,8 @@ and the labels mapped back to the original size.
 
 Writes, per image: NAME_mask.png (8-bit class index per pixel, in --classes order) and
 NAME_overlay.png (image | coloured prediction, with a legend); and classes.json (index -> name).
+A file that is not a readable image is reported and skipped; the exit status is then 1, after the
+rest of the list is done.
 """
 
 import argparse
@@ -139,12 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
       probabilities=functools.partial(method.eval_probabilities, config=model_config),
       crop_size=crop, stride=stride, batch_size=max(8, jax.local_device_count()))
 
+  failed = []
+
   def stream():
     for path in images:
+      # One unreadable file must not cost the rest of the list: report it, go on, fail at the end.
       try:
         rgb = np.asarray(Image.open(path).convert('RGB'))
-      except OSError as e:
-        raise SystemExit(f'predict: cannot read {path} as an image ({e}).') from e
+      except (OSError, ValueError) as e:
+        print(f'predict: skipped {path}: not a readable image ({e}).', file=sys.stderr)
+        failed.append(path)
+        continue
       scale = (2048, args.short_side) if args.short_side else None  # mmseg's test Resize
       resized = transforms.eval_transform(rgb, scale, args.short_side or None)
       yield (path, rgb), resized, rgb.shape[:2]
@@ -162,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     top = ', '.join(f'{names[k]} {100 * counts[k]:.0f}%' for k in np.argsort(-counts)[:3]
                     if counts[k] > 0)
     print(f'{path} -> {out / (stem + "_mask.png")} ({top})')
+  if failed:
+    print(f'predict: error: {len(failed)} of {len(images)} images could not be read: '
+          f'{", ".join(map(str, failed))}.', file=sys.stderr)
+    return 1
   return 0
 
 

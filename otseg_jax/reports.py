@@ -47,7 +47,7 @@ def _savefig_atomic(fig, path: pathlib.Path) -> None:
   files.write_atomic(path, buf.getvalue())
 
 
-def plot_per_class_iou(results: dict[str, Any], path: pathlib.Path, title: str = '') -> None:
+def per_class_figure(results: dict[str, Any], title: str = ''):
   """Bar chart of per-class IoU, seen and unseen classes in two colours, class means as lines."""
   # matplotlib is slow to import and only needed here.
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -70,11 +70,20 @@ def plot_per_class_iou(results: dict[str, Any], path: pathlib.Path, title: str =
       ax.axhline(results[key], color=colour, linestyle='--', linewidth=1)
       handles.append(Patch(color=colour, label=f'{label} (mIoU {results[key]:.1f})'))
   if handles:
-    ax.legend(handles=handles, loc='upper right', fontsize=8)
+    # Above the axes, right of the title: inside, it hid the bars of the last classes.
+    ax.legend(handles=handles, loc='lower right', bbox_to_anchor=(1.0, 1.0), ncol=len(handles),
+              fontsize=8, frameon=False, borderaxespad=0.2)
   hiou = results['hIoU']
   ax.set_title((title + '  ' if title else '') + (f'hIoU {hiou:.1f}' if hiou is not None else
-                                                  f'mIoU {results["mIoU"] or 0:.1f}'))
+                                                  f'mIoU {results["mIoU"] or 0:.1f}'), loc='left')
   fig.tight_layout()
+  return fig
+
+
+def plot_per_class_iou(results: dict[str, Any], path: pathlib.Path, title: str = '') -> None:
+  """`per_class_figure` as a PNG."""
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = per_class_figure(results, title)
   _savefig_atomic(fig, path)
   plt.close(fig)
 
@@ -130,21 +139,33 @@ def legend_strip(class_ids: Iterable[int], class_names: Sequence[str], num_class
   class_ids = list(class_ids)
   colours = palette(num_classes)
   row_h = 16
-  per_row = max(1, width // 180)
+  draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  # Columns as wide as the longest name: names are never cut (COCO-Stuff has long ones).
+  column = 24 + max([int(draw.textlength(str(class_names[k]))) for k in class_ids] + [0])
+  per_row = max(1, width // column)
   rows = max(1, -(-len(class_ids) // per_row))
   strip = Image.new('RGB', (width, rows * row_h + 4), (255, 255, 255))
   draw = ImageDraw.Draw(strip)
   for n, k in enumerate(class_ids):
-    x, y = (n % per_row) * 180 + 4, (n // per_row) * row_h + 2
+    x, y = (n % per_row) * column + 4, (n // per_row) * row_h + 2
     draw.rectangle([x, y + 2, x + 12, y + 12], fill=tuple(int(c) for c in colours[k]))
-    draw.text((x + 16, y), str(class_names[k])[:24], fill=(0, 0, 0))
+    draw.text((x + 16, y), str(class_names[k]), fill=(0, 0, 0))
+  return np.asarray(strip)
+
+
+def title_strip(titles: Sequence[str], panel_width: int) -> np.ndarray:
+  """(h, len(titles) * panel_width, 3) uint8 white strip, each title over its panel."""
+  strip = Image.new('RGB', (len(titles) * panel_width, 16), (255, 255, 255))
+  draw = ImageDraw.Draw(strip)
+  for n, title in enumerate(titles):
+    draw.text((n * panel_width + 4, 2), title, fill=(0, 0, 0))
   return np.asarray(strip)
 
 
 def overlay_panel(image: np.ndarray, pred: np.ndarray, class_names: Sequence[str],
                   label: np.ndarray | None = None) -> np.ndarray:
-  """Image | prediction overlay [| ground-truth overlay] side by side, with a legend of the classes
-  that appear. (H, W, 3) uint8 image, (H, W) int masks."""
+  """Image | prediction overlay [| ground-truth overlay] side by side, titled, with a legend of the
+  classes that appear. (H, W, 3) uint8 image, (H, W) int masks."""
   num_classes = len(class_names)
   factor = -(-128 // min(image.shape[:2]))  # small images (synthetic) are shown enlarged
   if factor > 1:
@@ -152,13 +173,16 @@ def overlay_panel(image: np.ndarray, pred: np.ndarray, class_names: Sequence[str
     image, pred = up(image), up(pred)
     label = None if label is None else up(label)
   panels = [image, overlay(image, pred, num_classes)]
+  titles = ['image', 'prediction']
   present = set(np.unique(pred).tolist())
   if label is not None:
     panels.append(overlay(image, label, num_classes))
+    titles.append('ground truth')
     present |= set(np.unique(label).tolist())
   row = np.concatenate(panels, axis=1)
   ids = sorted(k for k in present if 0 <= k < num_classes)
-  return np.concatenate([row, legend_strip(ids, class_names, num_classes, row.shape[1])], axis=0)
+  return np.concatenate([title_strip(titles, image.shape[1]), row,
+                         legend_strip(ids, class_names, num_classes, row.shape[1])], axis=0)
 
 
 def denormalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

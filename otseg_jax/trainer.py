@@ -189,7 +189,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], text_input: An
     axis_name: the pmap axis; None under jit (the batch is global there).
 
   Returns:
-    The new state and scalar metrics: the loss terms, 'grad_norm', 'num_masks'.
+    The new state and scalar metrics: the loss terms, 'grad_norm', 'num_masks', and
+    'sinkhorn/<path>/mean' and '/max' over the batch for the model's Sinkhorn paths (aux's
+    'sinkhorn_iterations_by_path').
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   # One dropout key per example from its global index: the randomness, and so the result, does
@@ -204,26 +206,36 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], text_input: An
                        method='encode_text')
 
     def forward_one(image, key):
-      maps, _ = model.apply(variables, image[None], text, train=True, rngs={'dropout': key})
-      return {k: v[0] for k, v in maps.items()}
+      maps, aux = model.apply(variables, image[None], text, train=True, rngs={'dropout': key})
+      return ({k: v[0] for k, v in maps.items()},
+              {k: jnp.max(v) for k, v in aux.get('sinkhorn_iterations_by_path', {}).items()})
 
-    maps = jax.vmap(forward_one)(batch['image'], keys)
+    maps, iterations = jax.vmap(forward_one)(batch['image'], keys)
     labels = batch['label']
     if pseudo_labels is not None:
       labels = pseudo_labels(maps, labels)
     terms = loss_fn(maps, labels, axis_name=axis_name)
-    return terms['total'], terms
+    return terms['total'], (terms, iterations)
 
-  grads, terms = jax.grad(loss_of, has_aux=True)(state.params)
+  grads, (terms, iterations) = jax.grad(loss_of, has_aux=True)(state.params)
+  # Sinkhorn iteration counts per path, mean and max over the batch: they rise as the features
+  # sharpen during training, and the step time with them.
+  counts = {}
+  for path, n in iterations.items():
+    n = jnp.asarray(n, jnp.float32)
+    counts[f'sinkhorn/{path}/mean'], counts[f'sinkhorn/{path}/max'] = jnp.mean(n), jnp.max(n)
   if axis_name is not None:
     # Each device's loss is its share of the global loss (num_masks is summed over devices), so
     # the global gradient is the SUM of the device gradients.
     grads = jax.lax.psum(grads, axis_name)
     terms = {k: v if k == 'num_masks' else jax.lax.psum(v, axis_name) for k, v in terms.items()}
+    counts = {k: (jax.lax.pmax if k.endswith('/max') else jax.lax.pmean)(v, axis_name)
+              for k, v in counts.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics_ = {k: jnp.asarray(v, jnp.float32) for k, v in terms.items()}
   metrics_['grad_norm'] = optax.global_norm(grads)
+  metrics_.update(counts)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics_
 
@@ -312,16 +324,25 @@ class MetricWriter:
   tensorboard package.
   """
 
-  def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_step: int):
+  def __init__(self, workdir: pathlib.Path, tensorboard: bool, resume_step: int,
+               final_step: int):
     self.enabled = jax.process_index() == 0
     self.path = workdir / 'metrics.jsonl'
     self._tb = None
     if not self.enabled:
       return
+
+    def still_valid(record):
+      # What was logged after the checkpoint we resume from runs again, and so does the final
+      # evaluation when a finished run is resumed (the periodic ones at the checkpoint's step
+      # do not: they ran after its save).
+      if record.get('step', 0) != resume_step:
+        return record.get('step', 0) < resume_step
+      return resume_step < final_step or not any(k.startswith('eval/') for k in record)
+
     if self.path.exists() and resume_step >= 0:
-      # Drop what was logged after the checkpoint we resume from: those steps run again.
       kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get('step', 0) <= resume_step]
+              if line.strip() and still_valid(json.loads(line))]
       tmp = self.path.with_suffix('.jsonl.tmp')
       tmp.write_text(''.join(line + '\n' for line in kept))
       os.replace(tmp, self.path)
@@ -360,6 +381,19 @@ def _format_eta(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def _sinkhorn_at_cap(means: Mapping[str, float], cap: int | None) -> str:
+  """' | Sinkhorn at the cap of 20 (mean/max): mps 12.5/20, ...' for the paths whose count
+  reached the iteration cap in the interval, else ''. Steps slow down as the counts rise."""
+  if not cap:
+    return ''
+  paths = [k[len('sinkhorn/'):-len('/max')] for k in means
+           if k.startswith('sinkhorn/') and k.endswith('/max') and means[k] >= cap]
+  if not paths:
+    return ''
+  return f' | Sinkhorn at the cap of {cap} (mean/max): ' + ', '.join(
+      f'{p} {means[f"sinkhorn/{p}/mean"]:.1f}/{means[f"sinkhorn/{p}/max"]:.0f}' for p in paths)
 
 
 class _StopFlag:
@@ -403,6 +437,47 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'{jax.device_count()} devices; use a multiple (4 per device in the reference).')
   if config.checkpoint_every_steps <= 0 or config.log_every_steps <= 0:
     raise ValueError('config.checkpoint_every_steps and config.log_every_steps must be positive.')
+
+
+def restore_newest_intact(mngr: ocp.CheckpointManager, ckpt_dir: pathlib.Path,
+                          args: Any) -> tuple[int | None, Any]:
+  """(step, restored) of the newest checkpoint that restores, or (None, None) when there is none.
+
+  A checkpoint that does not restore (a truncated file after a full disk, a bad copy) is moved
+  aside to `<step>.unreadable` with a warning naming its step and file: kept for inspection, out
+  of orbax's step list (so neither `max_to_keep` deletes it nor a later save of the same step
+  collides with it). When no checkpoint restores, nothing is moved and the run stops naming the
+  newest broken one.
+  """
+  broken = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored = mngr.restore(step, args=args)
+    except Exception as e:  # orbax, tensorstore and json raise many types; all mean unreadable.
+      what = checkpoint_lib.describe_unreadable(ckpt_dir / str(step), e)
+      broken.append((step, what))
+      logging.warning('Checkpoint step %d is unreadable: %s. Trying the one before.', step, what)
+      continue
+    for bad_step, _ in broken:
+      kept = ckpt_dir / f'{bad_step}.unreadable'
+      n = 1
+      while kept.exists():  # the same step may have broken before
+        kept, n = ckpt_dir / f'{bad_step}.unreadable-{n}', n + 1
+      if jax.process_index() == 0:
+        os.replace(ckpt_dir / str(bad_step), kept)
+      logging.warning('Resuming from step %d instead of the unreadable step %d, kept as %s.',
+                      step, bad_step, kept)
+    if broken:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('unreadable checkpoints moved aside')
+      mngr.reload()
+    return step, restored
+  if broken:
+    step, what = broken[0]
+    raise ValueError(
+        f'No checkpoint in {ckpt_dir} restores; the newest, step {step}, is unreadable: {what}. '
+        f'Restore {ckpt_dir} from a backup, or move it away to train from the start.')
+  return None, None
 
 
 def _host_metrics(values: Mapping[str, Any]) -> dict[str, float]:
@@ -487,15 +562,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           create=True),
       item_handlers={'state': ocp.StandardCheckpointHandler(),
                      'data': grain.checkpoint.CheckpointHandler()})
-  latest = mngr.latest_step()
+  replicated = NamedSharding(devices.make_mesh(), P())
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+      host_state)
+  latest, restored = restore_newest_intact(mngr, ckpt_dir, ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract),
+      data=grain.checkpoint.CheckpointRestore(train_iter)))
   if latest is not None:
-    replicated = NamedSharding(devices.make_mesh(), P())
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
-        host_state)
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(train_iter)))
     host_state = devices.to_host(restored.state)
     logging.info('Resumed from %s at step %d.', ckpt_dir / str(latest), latest)
 
@@ -548,18 +622,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # The loop.
   writer = MetricWriter(workdir, config.tensorboard and is_main,
-                        resume_step=-1 if latest is None else latest)
+                        resume_step=-1 if latest is None else latest,
+                        final_step=config.num_train_steps)
   stop = _StopFlag().install()
   schedules = {label: g['schedule'] for label, g in groups.items()}
   main_group = max(groups, key=lambda label: groups[label]['count'])
   history: list[dict[str, float]] = []
+  cap = config.model.get('ot', {}).get('max_iterations')
   pending = None  # (step, device metrics) of the last dispatched step, fetched one step later
-  interval_start, interval_step = time.time(), step
+  # Rates and the ETA leave out this process's first step (compilation, input warm-up) and the
+  # periodic evaluations: they would make the first ETA far too long.
+  interval_start = interval_step = None
+  loop_start = time.time()
+  first_step_seconds = None
   results: dict[str, Any] = {}
   try:
     while step < config.num_train_steps:
       state, step_metrics = par.step(state, global_batch(next(train_iter)), text)
       step += 1
+      if interval_step is None:
+        jax.block_until_ready(step_metrics)
+        first_step_seconds = time.time() - loop_start
+        interval_start, interval_step = time.time(), step
       # Fetch the previous step's metrics now: the device already runs this one.
       if pending is not None:
         values = _host_metrics(pending[1])
@@ -582,15 +666,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if log_now and history:
         elapsed = time.time() - interval_start
         steps_done = step - interval_step
-        rate = steps_done * config.batch_size / max(elapsed, 1e-9)
-        eta = (config.num_train_steps - step) * elapsed / max(steps_done, 1)
-        means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        speed = {}
+        if steps_done:
+          speed['train/images_per_sec'] = steps_done * config.batch_size / max(elapsed, 1e-9)
+          eta = (config.num_train_steps - step) * elapsed / steps_done
+          timing = f'{speed["train/images_per_sec"]:.1f} img/s | ETA {_format_eta(eta)}'
+        else:  # only the first step in this interval: no rate yet
+          timing = 'rate and ETA from the next log'
+        if first_step_seconds is not None:
+          speed['train/first_step_seconds'] = first_step_seconds
+          timing += f' | first step (compilation) {first_step_seconds:.1f}s'
+          first_step_seconds = None
+        # Means over the interval, except the maxima (Sinkhorn counts), whose max is kept.
+        means = {k: float((np.max if k.endswith('/max') else np.mean)([h[k] for h in history]))
+                 for k in history[0]}
         lrs = {f'lr/{label}': float(fn(step - 1)) for label, fn in schedules.items()}
         lr = lrs[f'lr/{main_group}']
-        logging.info('step %d/%d | loss %.4f | lr %.3g | %.1f img/s | ETA %s', step,
-                     config.num_train_steps, means['total'], lr, rate, _format_eta(eta))
-        writer.write(step, {**{f'train/{k}': v for k, v in means.items()}, **lrs,
-                            'train/images_per_sec': rate})
+        logging.info('step %d/%d | loss %.4f | lr %.3g | %s%s', step, config.num_train_steps,
+                     means['total'], lr, timing, _sinkhorn_at_cap(means, cap))
+        writer.write(step, {**{f'train/{k}': v for k, v in means.items()}, **lrs, **speed})
         history = []
         interval_start, interval_step = time.time(), step
       if stop_now:
@@ -599,7 +693,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                         'command to resume.', step, ckpt_dir)
         return {'preempted': True, 'step': step}
       if config.eval_every_steps > 0 and step % config.eval_every_steps == 0 and not is_last:
+        eval_start = time.time()
         periodic = run_eval(host_params(), None, config.eval.max_images)
+        interval_start += time.time() - eval_start  # not training time
         writer.write(step, {f'eval/{k}': periodic[k]
                             for k in ('mIoU', 'seen_mIoU', 'unseen_mIoU', 'hIoU')})
         logging.info('eval at step %d: %s', step, metrics.format_summary(periodic))

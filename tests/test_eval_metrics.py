@@ -133,3 +133,31 @@ def test_slide_evaluator_matches_reference_slide_inference():
     expected = predict(jnp.asarray(image[None]))
     assert got[i].shape == size
     np.testing.assert_array_equal(got[i], np.asarray(expected[0]))
+
+
+def test_overlay_panels_are_titled_and_legend_names_are_whole(tmp_path):
+  image = np.full((4, 6, 3), 100, np.uint8)
+  pred = np.zeros((4, 6), np.int64)
+  long_name = 'a very long class name, e.g. COCO-Stuff'  # 40 characters
+  panel = reports.overlay_panel(image, pred, [long_name, 'b'], np.ones((4, 6), np.int64))
+  reports.write_png(tmp_path / 'panel.png', panel)  # to look at
+  # A white strip with a dark title over each of the three 192-pixel panels, then the image.
+  title_h = next(y for y in range(panel.shape[0]) if (panel[y, :192] == 100).all())
+  assert 8 <= title_h <= 24, title_h
+  for n in range(3):
+    assert (panel[:title_h, n * 192:(n + 1) * 192] < 64).any(), n
+  # The legend names the class in full: its text reaches past where 24 characters end.
+  strip = reports.legend_strip([0], [long_name], 1, width=600)
+  dark = np.nonzero((strip < 64).all(axis=-1).any(axis=0))[0]
+  assert dark.max() > 16 + 24 * 6 + 20, dark.max()
+
+
+def test_per_class_chart_legend_is_off_the_bars():
+  results = metrics.summarize(np.diag([10, 20, 30]).astype(np.int64), ['cat', 'dog', 'grass'],
+                              unseen=[2])  # every IoU 100: bars reach the top of the axes
+  fig = reports.per_class_figure(results, 'fixture')
+  fig.canvas.draw()
+  ax = fig.axes[0]
+  legend = ax.get_legend().get_window_extent()
+  axes = ax.get_window_extent()
+  assert legend.y0 >= axes.y1 - 1, (legend, axes)

@@ -130,6 +130,10 @@ def test_forward_layout_and_unused_pieces_never_created():
   assert aux['q_proj'].shape == (2, 3, 2, 16)
   assert aux['layer_maps'].shape == (2, 2, 4, 4, 3) and len(aux['layer_queries']) == 1
   assert len(aux['sinkhorn_iterations']) == 3  # MPS path, then the two layers
+  by_path = aux['sinkhorn_iterations_by_path']  # the same counts, named for the trainer's log
+  assert len(by_path) == 3
+  for name, count in zip(('mps', 'layers_0', 'layers_1'), aux['sinkhorn_iterations']):
+    np.testing.assert_array_equal(by_path[name], count, err_msg=name)
   np.testing.assert_allclose(np.linalg.norm(aux['dense'], axis=-1), 1, rtol=1e-5)
   # Non-square input: the maps follow the input size.
   maps, aux = jax.eval_shape(

@@ -84,3 +84,19 @@ def test_clip_giving_non_finite_text_is_refused(setup, tmp_path):
     predict.main(['--checkpoint', str(ckpt), '--image', str(images[0]), '--classes', 'cat,dog',
                   '--clip', str(tmp_path / 'clip'), '--out', str(tmp_path / 'out')])
   assert not (tmp_path / 'out').exists()
+
+
+def test_an_unreadable_image_is_reported_and_skipped(setup, tmp_path, capsys):
+  clip_dir, ckpt, images = setup
+  bad = tmp_path / 'broken.png'
+  bad.write_bytes(b'not a png')
+  out = tmp_path / 'out'
+  code = predict.main(['--checkpoint', str(ckpt), '--image', str(images[0]), str(bad),
+                       str(images[1]), '--classes', 'cat,dog', '--clip', str(clip_dir),
+                       '--short_side', '32', '--out', str(out)])
+  assert code == 1  # nonzero at the end, after the readable images were done
+  for path in images:
+    assert (out / f'{path.stem}_mask.png').is_file(), path
+  assert not (out / 'broken_mask.png').exists()
+  err = capsys.readouterr().err
+  assert f'skipped {bad}' in err and '1 of 3 images could not be read' in err, err

@@ -8,6 +8,7 @@ patch 8, width 32, 2 layers, 32 x 32 images).
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,6 +112,13 @@ def test_train_then_eval_end_to_end(tmp_path, jax_cache):
   assert (workdir / 'params' / 'metadata.json').is_file() and _steps(workdir)[-1] == E2E_STEPS
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'eval/hIoU' in r] == [300, E2E_STEPS]  # periodic, final
+  # Sinkhorn iteration counts of the MPS path and each decoder layer, in the log and TensorBoard.
+  cap = 20  # configs/tiny.py's config.model.ot.max_iterations
+  for path in ('mps', 'layers_0', 'layers_1'):
+    mean, top = records[0][f'train/sinkhorn/{path}/mean'], records[0][f'train/sinkhorn/{path}/max']
+    assert 1 <= mean <= top <= cap, (path, mean, top)
+  events = b''.join(p.read_bytes() for p in (workdir / 'tensorboard').glob('events.out.*'))
+  assert b'train/sinkhorn/layers_1/max' in events
   assert records[-1]['eval/hIoU'] == pytest.approx(results['hIoU'])
 
   # eval.py on the workdir reproduces the training run's final evaluation.
@@ -182,9 +190,17 @@ RESUME = ['--config.num_train_steps=40', '--config.checkpoint_every_steps=4',
           '--config.max_to_keep=3', '--config.async_checkpointing=True', *QUICK]
 
 
-def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, jax_cache):
-  reference = tmp_path / 'reference'
+@pytest.fixture(scope='module')
+def resume_reference(tmp_path_factory, jax_cache):
+  """An uninterrupted RESUME run (checkpoints 32, 36, 40); copy it before changing it."""
+  reference = tmp_path_factory.mktemp('resume') / 'reference'
   _check(_run(_train_cmd(reference, *RESUME), jax_cache))
+  return reference
+
+
+def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, jax_cache,
+                                                                      resume_reference):
+  reference = resume_reference
 
   workdir = tmp_path / 'interrupted'
   env = _env(jax_cache)
@@ -194,7 +210,7 @@ def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, ja
   _wait_for_checkpoint(proc, workdir, 8)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-4000:]
+  assert proc.returncode == 143, err[-4000:]  # 128 + SIGTERM: preempted, resumable
   stopped = _steps(workdir)[-1]
   assert f'Stopped at step {stopped}' in out and stopped < 40, out
 
@@ -225,6 +241,41 @@ def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, ja
   for step in expected:
     if step < stopped or step > killed_at:
       assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  return path
+
+
+def test_unreadable_latest_checkpoint_falls_back_and_is_kept(tmp_path, jax_cache,
+                                                              resume_reference):
+  workdir = tmp_path / 'broken'
+  shutil.copytree(resume_reference, workdir)
+  assert _steps(workdir) == [32, 36, 40]
+  # A truncated array file in the latest step: resume from step 36, keep step 40 aside.
+  arrays = sorted((workdir / 'checkpoints' / '40' / 'state').rglob('d/*'),
+                  key=lambda p: p.stat().st_size)
+  broken = _truncate(arrays[-1])
+  proc = _check(_run(_train_cmd(workdir, *RESUME), jax_cache))
+  assert 'step 40 is unreadable' in proc.stderr and broken.name in proc.stderr, proc.stderr[-3000:]
+  assert 'at step 36' in proc.stderr and 'Traceback' not in proc.stderr
+  kept = workdir / 'checkpoints' / '40.unreadable'
+  assert (kept / broken.relative_to(workdir / 'checkpoints' / '40')).is_file()
+  # Step 40 trained again and saved beside the kept one, which max_to_keep=3 left alone.
+  assert _steps(workdir) == [32, 36, 40]
+
+  # No step restores (truncated JSON metadata in all): one line naming the step and the file.
+  for step in (32, 36, 40):
+    bad_json = _truncate(workdir / 'checkpoints' / str(step) / 'state' / '_METADATA')
+  for cmd in (_train_cmd(workdir, *RESUME),
+              [sys.executable, str(REPO / 'eval.py'), f'--config={REPO}/configs/tiny.py',
+               f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}']):
+    proc = _run(cmd, jax_cache)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert 'step 40' in last and str(bad_json) in last and 'not valid JSON' in last, last
+  assert kept.is_dir() and (workdir / 'checkpoints' / '40').is_dir()
 
 
 _NAN_SCRIPT = r'''
@@ -402,3 +453,19 @@ def test_transductive_self_training_from_an_inductive_run(tmp_path, jax_cache, o
     np.testing.assert_array_equal(c['out'][~at], c['labels'][~at])
     relabelled += int((c['out'][at] != c['labels'][at]).sum())
   assert relabelled > 0  # the ground truth is not what came back
+
+def test_first_step_is_left_out_of_the_rate_and_a_rerun_adds_no_eval_row(tmp_path, jax_cache,
+                                                                          one_device_run):
+  lines = (one_device_run / 'metrics.jsonl').read_text().splitlines()
+  train = {r['step']: r for r in map(json.loads, lines) if 'train/total' in r}
+  # Step 1 compiles: it gets its own time, and the rates (so the ETA) start after it.
+  assert 'train/images_per_sec' not in train[1] and train[1]['train/first_step_seconds'] > 0
+  assert all(train[s]['train/images_per_sec'] > 0 for s in (2, 3))
+  assert all('train/first_step_seconds' not in train[s] for s in (2, 3))
+  # Rerunning a finished run evaluates again; its row replaces the earlier one.
+  workdir = tmp_path / 'rerun'
+  shutil.copytree(one_device_run, workdir)
+  _check(_run(_train_cmd(workdir, *PARITY, '--config.eval_every_steps=0'), jax_cache))
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'eval/hIoU' in r] == [3]
+  assert len(records) == len(lines)

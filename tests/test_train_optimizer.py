@@ -98,3 +98,12 @@ def test_pseudo_labels():
   # The score map counts with weight 0.5: 0.5 * (-4 x) + 0.5 * x flips the unseen argmax.
   out = otseg.pseudo_labels({'decoder': decoder, 'score': -4 * decoder}, labels, seen, config)
   np.testing.assert_array_equal(out, [[[3, 2, 1, 255]]])
+
+
+def test_progress_line_shows_the_sinkhorn_paths_at_the_cap():
+  means = {'total': 1.0, 'sinkhorn/mps/mean': 12.5, 'sinkhorn/mps/max': 20.0,
+           'sinkhorn/layers_0/mean': 4.0, 'sinkhorn/layers_0/max': 7.0}
+  line = trainer._sinkhorn_at_cap(means, 20)
+  assert line == ' | Sinkhorn at the cap of 20 (mean/max): mps 12.5/20', line
+  assert trainer._sinkhorn_at_cap(means, 100) == ''
+  assert trainer._sinkhorn_at_cap({'total': 1.0}, 20) == ''

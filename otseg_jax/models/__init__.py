@@ -12,7 +12,9 @@ A method module (`otseg` today) offers the same few things, with no base class:
   model_from_config(config)               the linen model, whose
     encode_text(text_input, *, train)     gives the class text the forward reads, and
     __call__(images, text, *, train)      returns (maps, aux): the logit maps the loss and the
-                                          evaluation read, and the intermediates
+                                          evaluation read, and the intermediates; aux's
+                                          'sinkhorn_iterations_by_path' ({path: count}), if
+                                          any, is logged by the trainer
   eval_probabilities(maps, seen, config)  (B, H, W, K) probabilities for the argmax
   pseudo_labels(maps, labels, seen, config)  transductive self-training targets
 The loss is named in the config (`config.loss.name`, a function of `otseg_jax.losses`).

@@ -255,7 +255,9 @@ class OTSegHead(nn.Module):
       'layer_queries': L-1 arrays (B, K, N, C), the output queries of the layers but the last;
       'layer_maps': (L, B, h, w, K) each layer's map;
       'sinkhorn_iterations': the solver's iteration counts in call order (MPS path, then the
-        layers; none for softmax layers).
+        layers; none for softmax layers);
+      'sinkhorn_iterations_by_path': the same counts by path, {'mps': .., 'layers_0': .., ...}
+        (what the trainer logs).
     """
     b, h, w, c = dense.shape
     if text.ndim != 3 or text.shape[-1] != c:
@@ -267,12 +269,12 @@ class OTSegHead(nn.Module):
     q = ot_layers.at_least_f32(ot_layers.dense(self.embed_dims, self.dtype, 'q_proj')(
         ot_layers.relationship_features(global_, t)))
     outputs = {'q_proj': q}
-    iterations = []
+    iterations = {}
 
     if self.use_mps:
       _, score, info = ot_layers.transport_map(
           ot_layers.l2_normalize(pixels), ot_layers.l2_normalize(q), self.ot_config)
-      iterations.append(info['iterations'])
+      iterations['mps'] = info['iterations']
       outputs['score'] = score.reshape(b, h, w, -1)
 
     x, maps, queries = q, [], []
@@ -282,14 +284,15 @@ class OTSegHead(nn.Module):
           self.embed_dims, self.ot_config, self.attention, self.num_heads, self.dropout,
           with_output=not last, dtype=self.dtype, name=f'layers_{i}')(x, pixels, train=train)
       if 'sinkhorn_iterations' in aux:
-        iterations.append(aux['sinkhorn_iterations'])
+        iterations[f'layers_{i}'] = aux['sinkhorn_iterations']
       maps.append(attn_map.reshape(b, h, w, -1))
       if not last:
         queries.append(x)
     outputs['decoder'] = ot_layers.combine_layer_maps(maps)
     outputs['layer_maps'] = jnp.stack(maps)
     outputs['layer_queries'] = queries
-    outputs['sinkhorn_iterations'] = iterations
+    outputs['sinkhorn_iterations'] = list(iterations.values())
+    outputs['sinkhorn_iterations_by_path'] = iterations
     return outputs
 
 
@@ -360,8 +363,8 @@ class OTSeg(nn.Module):
       maps: 'decoder', 'score': (B, H, W, K) logits ('score' only with use_mps), what the loss
         and the evaluation read.
       aux: 'decoder_lowres', 'score_lowres': (B, h, w, K); 'q_proj', 'layer_queries',
-        'layer_maps', 'sinkhorn_iterations': see `OTSegHead`; 'dense' (B, h, w, C), 'global'
-        (B, C): the normalised backbone outputs.
+        'layer_maps', 'sinkhorn_iterations', 'sinkhorn_iterations_by_path': see `OTSegHead`;
+        'dense' (B, h, w, C), 'global' (B, C): the normalised backbone outputs.
     """
     dense, global_ = self.encode_image(images, train=train)
     out = self.decode_head(dense, global_, text, train=train)
