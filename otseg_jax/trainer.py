@@ -19,6 +19,7 @@ import os
 import pathlib
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -439,6 +440,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError('config.checkpoint_every_steps and config.log_every_steps must be positive.')
 
 
+def _quiet_abandoned_restore_reads() -> None:
+  """A failed restore leaves reads behind: tensorstore completes them and calls back into the
+  event loop orbax has closed (RuntimeError 'Event loop is closed'), and orbax's other read
+  coroutines of the broken step fail when collected. Both reach sys.unraisablehook, which would
+  print a traceback each; they repeat what the warning already says, so drop exactly those."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'quiets_abandoned_reads', False):
+    return
+
+  def hook(unraisable):
+    value, where = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'
+    read = getattr(where, '__qualname__', '') == '_read_array_index_and_device_put'
+    if not (closed_loop or read):
+      previous(unraisable)
+
+  hook.quiets_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 def restore_newest_intact(mngr: ocp.CheckpointManager, ckpt_dir: pathlib.Path,
                           args: Any) -> tuple[int | None, Any]:
   """(step, restored) of the newest checkpoint that restores, or (None, None) when there is none.
@@ -450,6 +471,7 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, ckpt_dir: pathlib.Path,
   newest broken one.
   """
   broken = []
+  _quiet_abandoned_restore_reads()
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
       restored = mngr.restore(step, args=args)
