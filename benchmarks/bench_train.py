@@ -137,19 +137,23 @@ def _random_text(num_classes: int, n: int, c: int) -> np.ndarray:
   return text / np.linalg.norm(text, axis=-1, keepdims=True)
 
 
+def _setup(config):
+  """What both figures start from: (devices, crop S, classes trained / evaluated, replicated and
+  batch shardings, the model). Random towers: the timing does not depend on the weights."""
+  config.clip = ''
+  k_train, num_classes = _dataset_sizes(config)
+  mesh = devices.make_mesh()
+  return (jax.device_count(), config.model.image_size, k_train, num_classes,
+          NamedSharding(mesh, P()), NamedSharding(mesh, P('data')),
+          otseg.model_from_config(config.model))
+
+
 def train_figure(config, batch_per_device: int, steps: int, warmup: int,
                  peak_tflops: float | None = None) -> dict[str, Any]:
   """Times `trainer.train_step` at `config` on random data; a dict of figures."""
-  config.clip = ''  # random towers: the timing does not depend on the weights
-  n_dev = jax.device_count()
+  n_dev, s, k_train, _, replicated, data, model = _setup(config)
   batch = batch_per_device * n_dev
-  s = config.model.image_size
-  k_train, _ = _dataset_sizes(config)
   text = _random_text(k_train, config.model.num_prompts, config.model.backbone.output_dim)
-  mesh = devices.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P('data'))
-  model = otseg.model_from_config(config.model)
   params = _init_params(config, model, text)
   if config.ft_backbone:
     trainable, frozen = params, {}
@@ -197,16 +201,9 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
 def eval_figure(config, windows_per_device: int, steps: int, warmup: int,
                 peak_tflops: float | None = None) -> dict[str, Any]:
   """Times the evaluation forward on S x S windows at `config`; a dict of figures."""
-  config.clip = ''
-  n_dev = jax.device_count()
+  n_dev, s, k_train, num_classes, replicated, data, model = _setup(config)
   windows = windows_per_device * n_dev
-  s = config.model.image_size
-  k_train, num_classes = _dataset_sizes(config)
   text = _random_text(num_classes, config.model.num_prompts, config.model.backbone.output_dim)
-  mesh = devices.make_mesh()
-  replicated = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P('data'))
-  model = otseg.model_from_config(config.model)
   params = jax.device_put(_init_params(config, model, text[:k_train]), replicated)
   crops = jax.device_put(
       np.random.default_rng(0).normal(size=(windows, s, s, 3)).astype(np.float32), data)
