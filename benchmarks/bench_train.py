@@ -1,11 +1,14 @@
-r"""Training-step and evaluation throughput of OTSeg at a real config, with MFU on GPU.
+r"""Training-step and evaluation throughput of a method at a real config, with MFU on GPU.
 
   python benchmarks/bench_train.py                      # VOC inductive: ViT-B/16 at 512, K=15
   python benchmarks/bench_train.py --config configs/cocostuff171.py:inductive --steps 5
   python benchmarks/bench_train.py --dtype bfloat16 --remat block
   python benchmarks/bench_train.py --config configs/tiny.py --batch_per_device 8   # quick check
 
-Random weights and random batches (no dataset, no CLIP download): the timing of `train_step`
+The method is the config's (`config.model.name`), as in train.py.
+
+Random weights, random batches and random class text (no dataset, no CLIP download; a method
+that learns its text gets random token ids of a realistic length): the timing of `train_step`
 (jit over all devices, batch sharded, the trainer's own function) and of the evaluation forward
 (`inference.encode_decode` on batches of S x S slide windows, as `inference.SlideEvaluator` runs it).
 Prints images/s, step time, XLA's estimate of the step's memory, and, on GPU, the model FLOP
@@ -33,8 +36,8 @@ from otseg_jax import devices  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import inference  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import params as params_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from otseg_jax import models  # noqa: E402  pylint: disable=g-import-not-at-top
 from otseg_jax import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
-from otseg_jax.models import otseg  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Dense peak TFLOP/s per device (vendor datasheets, SXM parts): bf16, and float32 matmuls run as
 # TF32 (JAX's default GPU precision).
@@ -100,9 +103,10 @@ def tower_flops(config, batch: int, train: bool) -> float:
   b, s = config.model.backbone, config.model.image_size
   m = (s // b.patch_size)**2
   total = 2 * m * b.patch_size**2 * 3 * b.width  # conv1
+  prompts, depth = b.get('num_prompt_tokens', 0), b.get('prompt_depth', 0)
   for i in range(b.layers):
     # Blocks 0..prompt_depth carry the prompt tokens (clip.Transformer).
-    l = 1 + m + (b.num_prompt_tokens if i <= b.prompt_depth else 0)
+    l = 1 + m + (prompts if i <= depth else 0)
     matmuls, attention = 24 * l * b.width**2, 4 * l * l * b.width
     total += 2 * matmuls + 3 * attention if train else matmuls + attention
   return float(total * batch)
@@ -113,7 +117,7 @@ _PARAMS_CACHE = {}
 
 def _init_params(config, model, text: np.ndarray):
   """`trainer.init_params`, once per architecture: dtype, remat and attention do not change it."""
-  key = (config.model.image_size, config.model.num_prompts, text.shape,
+  key = (config.model.name, config.model.image_size, text.shape,
          tuple(sorted((k, v) for k, v in config.model.backbone.items()
                       if k not in ('remat', 'attention'))))
   if key not in _PARAMS_CACHE:
@@ -132,28 +136,40 @@ def _dataset_sizes(config) -> tuple[int, int]:
   return len(classes.train_text_rows(dataset, config.setting)), dataset.num_classes
 
 
-def _random_text(num_classes: int, n: int, c: int) -> np.ndarray:
-  text = np.random.default_rng(0).normal(size=(num_classes, n, c)).astype(np.float32)
+def _random_text(config, num_classes: int) -> np.ndarray:
+  """The class text input the method asks for (`config.model.text`), random: (K, N, C) unit
+  embeddings, or (K, L) token ids for a prompt learner, L = the template's words + 4 (SOT, a
+  two-token class name, '.', EOT), the length `text_embeddings.class_tokens` gives such names."""
+  rng = np.random.default_rng(0)
+  if config.model.text == 'tokens':
+    length = len(config.model.text_template.split()) + 4
+    tokens = rng.integers(1, 49406, (num_classes, length)).astype(np.int32)
+    tokens[:, 0], tokens[:, -1] = 49406, 49407  # SOT, EOT (the row maximum: the pooled token)
+    return tokens
+  text = rng.normal(size=(num_classes, config.model.num_prompts,
+                          config.model.backbone.output_dim)).astype(np.float32)
   return text / np.linalg.norm(text, axis=-1, keepdims=True)
 
 
 def _setup(config):
   """What both figures start from: (devices, crop S, classes trained / evaluated, replicated and
-  batch shardings, the model). Random towers: the timing does not depend on the weights."""
+  batch shardings, the method module, its model). Random towers: the timing does not depend on
+  the weights."""
   config.clip = ''
   k_train, num_classes = _dataset_sizes(config)
   mesh = devices.make_mesh()
+  method = models.get_method(config.model.name)
   return (jax.device_count(), config.model.image_size, k_train, num_classes,
-          NamedSharding(mesh, P()), NamedSharding(mesh, P('data')),
-          otseg.model_from_config(config.model))
+          NamedSharding(mesh, P()), NamedSharding(mesh, P('data')), method,
+          method.model_from_config(config.model))
 
 
 def train_figure(config, batch_per_device: int, steps: int, warmup: int,
                  peak_tflops: float | None = None) -> dict[str, Any]:
   """Times `trainer.train_step` at `config` on random data; a dict of figures."""
-  n_dev, s, k_train, _, replicated, data, model = _setup(config)
+  n_dev, s, k_train, _, replicated, data, _, model = _setup(config)
   batch = batch_per_device * n_dev
-  text = _random_text(k_train, config.model.num_prompts, config.model.backbone.output_dim)
+  text = _random_text(config, k_train)
   params = _init_params(config, model, text)
   if config.ft_backbone:
     trainable, frozen = params, {}
@@ -186,11 +202,12 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
     return metrics['total']
 
   seconds = timed(run_step, steps, warmup)
-  dtype = config.model.dtype
+  dtype = config.model.get('dtype', 'float32')
   peak = peak_flops(dtype, peak_tflops)
   model_flops = tower_flops(config, batch, train=True)
   return dict(
-      dtype=dtype, remat=config.model.backbone.remat, attention=model.backbone_attention,
+      dtype=dtype, remat=config.model.backbone.get('remat', 'none'),
+      attention=getattr(model, 'backbone_attention', config.model.backbone.get('attention')),
       batch=batch, image_size=s, classes=k_train, step_ms=seconds * 1e3,
       images_per_s=batch / seconds, compile_s=compile_s, memory_gb=_memory_gb(compiled),
       model_tflops=model_flops / seconds / 1e12,
@@ -201,25 +218,28 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
 def eval_figure(config, windows_per_device: int, steps: int, warmup: int,
                 peak_tflops: float | None = None) -> dict[str, Any]:
   """Times the evaluation forward on S x S windows at `config`; a dict of figures."""
-  n_dev, s, k_train, num_classes, replicated, data, model = _setup(config)
+  n_dev, s, k_train, num_classes, replicated, data, method, model = _setup(config)
   windows = windows_per_device * n_dev
-  text = _random_text(num_classes, config.model.num_prompts, config.model.backbone.output_dim)
+  text = _random_text(config, num_classes)
   params = jax.device_put(_init_params(config, model, text[:k_train]), replicated)
   crops = jax.device_put(
       np.random.default_rng(0).normal(size=(windows, s, s, 3)).astype(np.float32), data)
   seen = jax.device_put(np.arange(num_classes) < k_train, replicated)
-  text_all = jax.device_put(text, replicated)
-  probabilities = functools.partial(otseg.eval_probabilities, config=config.model)
+  # The class text once for all classes, as evaluation computes it.
+  text_all = jax.device_put(models.encode_text(model, params, text), replicated)
+  probabilities = functools.partial(method.eval_probabilities, config=config.model)
   encode = jax.jit(lambda p, x: inference.encode_decode(model, p, x, text_all, seen, probabilities),
                    out_shardings=data)
   start = time.perf_counter()
   compiled = encode.lower(params, crops).compile()
   compile_s = time.perf_counter() - start
   seconds = timed(lambda: compiled(params, crops), steps, warmup)
-  peak = peak_flops(config.model.dtype, peak_tflops)
+  peak = peak_flops(config.model.get('dtype', 'float32'), peak_tflops)
   model_flops = tower_flops(config, windows, train=False)
   return dict(
-      dtype=config.model.dtype, attention=model.backbone_attention, windows=windows,
+      dtype=config.model.get('dtype', 'float32'),
+      attention=getattr(model, 'backbone_attention', config.model.backbone.get('attention')),
+      windows=windows,
       image_size=s, classes=num_classes, windows_per_s=windows / seconds,
       compile_s=compile_s, memory_gb=_memory_gb(compiled),
       model_tflops=model_flops / seconds / 1e12,

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -22,6 +23,7 @@ from otseg_jax import tokenizer as tokenizer_lib
 from otseg_jax import trainer
 from otseg_jax.data import synthetic
 from otseg_jax.models import clip_weights
+from otseg_jax.models import prompt_learner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -98,6 +100,24 @@ def test_text_tower_up_to_the_longest_eot_gives_the_full_features(tiny_clip):
     a = tower.apply({'params': towers['text']}, full, c)
     b = tower.apply({'params': towers['text']}, cut, c)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_coop_text_with_several_prompts_is_one_tower_call_per_context(tiny_clip):
+  spec, towers = clip_weights.load_clip(tiny_clip)
+  tokenizer = tokenizer_lib.load_tokenizer(tiny_clip)
+  tokens = text_embeddings.class_tokens(tokenizer, ['cat', 'dog', 'red grass'], 'X X X X {}.', 77)
+  learner = prompt_learner.CoOpText(text=spec.text_tower(), num_context=4, num_prompts=3)
+  variables = learner.init(jax.random.PRNGKey(0), tokens)
+  context = variables['params']['context']
+  assert context.shape == (3, 4, 32)
+  variables = {'params': {**variables['params'], 'text': towers['text']}}
+  text = learner.apply(variables, tokens)
+  assert text.shape == (3, 3, 32)
+  for n in range(3):  # prompt n of every class: the tower on the n-th context, normalised
+    one = spec.text_tower().apply({'params': towers['text']}, tokens, context[n])
+    np.testing.assert_allclose(text[:, n], one / np.linalg.norm(one, axis=-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+  assert not np.allclose(text[:, 0], text[:, 1])
 
 
 # ---------------------------------------------------------------------------------------------------
