@@ -32,13 +32,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # OTSeg's ablation switches, each through `train_and_evaluate` for 2 steps.
 
 
+# Each switch is in at least one run; switches of separate code paths share a run, since each
+# run costs a compilation of the whole train step (~15 s here).
 @pytest.mark.parametrize('overrides', [
     {'model.head.use_mps': False},  # the decoder map alone: loss, eval and export without 'score'
-    {'model.head.attention': 'softmax'},
-    {'model.head.attention': 'softmax', 'model.head.use_mps': False},
-    {'model.head.decoder_layers': 1},
-    {'model.ot.implementation': 'reference'},
-    {'ft_backbone': False, 'optimizer.first_match': False},
+    {'model.head.attention': 'softmax', 'model.head.use_mps': False},  # no OT at all
+    {'model.head.attention': 'softmax', 'model.head.decoder_layers': 1},
+    {'model.ot.implementation': 'reference', 'ft_backbone': False,
+     'optimizer.first_match': False},
 ], ids=lambda o: ','.join(f'{k}={v}' for k, v in o.items()))
 def test_ablation_trains_with_the_real_trainer(tmp_path, overrides):
   config = tiny.get_config()
