@@ -20,8 +20,9 @@ The method is `config.model.name` of `--config` (default otseg); the converter n
   spec in the metadata. A trainer initialises its CLIP towers (`config.model.clip_towers`) from
   it and the text tower computes the text embeddings. A source directory's tokenizer files are
   copied beside them, so the output is a complete `config.clip` for train.py.
---config: a name of the method's `get_config` (otseg: voc [default], context, coco, and
-  voc:vitl14 ... for ViT-L/14), or a .json file: either a model config (`ConfigDict.to_json()`
+--config: a name of the method's `get_config` (otseg: voc [default], context, coco), a training
+  config file with its argument (configs/voc12.py:inductive:vitl14 for ViT-L/14: its `model`), or
+  a .json file: either a model config (`ConfigDict.to_json()`
   of such a config, or some of its fields, e.g. {"image_size": 224}, the rest from the method's
   default; its "name" picks the method) or the `config/json` of a reference dump
   (../shared/reference, through the method's optional `config_from_reference` hook). Any other
@@ -162,11 +163,31 @@ def _unknown_fields(data: Mapping[str, Any], known: Mapping[str, Any], prefix: s
   return out
 
 
+def _training_config(file: str, arg: str | None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a training config file (configs/voc12.py:inductive:vitl14), as train.py
+  reads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(file).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f'--config {file}: no such file.')
+  spec = importlib.util.spec_from_file_location(f'_convert_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  if 'model' not in config:
+    raise ValueError(f'--config {file}: its get_config() has no model section.')
+  return config
+
+
 def load_model_config(name_or_path: str, method: str = DEFAULT_METHOD) -> ml_collections.ConfigDict:
-  """`get_config(NAME)` of `method`, or a .json file: a model config (all or some of its fields,
+  """`get_config(NAME)` of `method`, the `model` of a training config file (`configs/voc12.py`,
+  `configs/voc12.py:inductive:vitl14`), or a .json file: a model config (all or some of its fields,
   the rest from the default of its "name" or `method`) or a reference dump's `config/json`.
   Anything else is refused: a training run's config.json, say, would otherwise be merged field by
   field over the default and silently ignored."""
+  file, _, arg = name_or_path.partition(':')
+  if file.endswith('.py'):
+    return _training_config(file, arg or None).model
   path = pathlib.Path(name_or_path)
   if path.suffix != '.json':
     return _method(method).get_config(name_or_path)
@@ -225,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--out', required=True, help='output checkpoint directory')
   parser.add_argument('--config', default='voc',
                       help="model config: a name of the method's get_config (otseg: voc | "
-                      'context | coco, voc:vitl14, ...) | path/to/config.json')
+                      'context | coco) | configs/voc12.py[:inductive:vitl14] (its model) | '
+                      'path/to/config.json')
   parser.add_argument('--method', default=None,
                       help=f'config.model.name of a --config given by name (default '
                       f'{DEFAULT_METHOD}; METHOD-mmseg sets it too)')

@@ -302,3 +302,22 @@ def test_a_method_without_the_mmseg_hook_is_refused_by_name(tmp_path):
     convert.main(['--from', 'mmseg', '--in', str(tmp_path / 'x.pth'), '--out',
                   str(tmp_path / 'o'), '--config', str(path)])
   assert not (tmp_path / 'o').exists()
+
+
+def test_vitl14_training_config_is_a_converter_config(tmp_path):
+  """--config configs/voc12.py:inductive:vitl14: its model (518 crop, patch 14); a patch-14 CLIP
+  is converted onto its 37 x 37 grid."""
+  config = convert.load_model_config('configs/voc12.py:inductive:vitl14')
+  assert (config.image_size, config.backbone.patch_size, config.backbone.width) == (518, 14, 1024)
+  assert convert.load_model_config('configs/voc12.py').to_dict() == otseg.get_config().to_dict()
+  with pytest.raises(FileNotFoundError, match='nope.py: no such file'):
+    convert.load_model_config(str(tmp_path / 'nope.py'))
+  model = clip_testing.tiny_openai_clip(seed=2, image_size=28, patch_size=14)
+  torch.save(model.state_dict(), tmp_path / 'ViT-T-14.pt')
+  assert convert.main(['--from', 'openai-clip', '--in', str(tmp_path / 'ViT-T-14.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config',
+                       str(REPO / 'configs/voc12.py') + ':inductive:vitl14']) == 0
+  params, metadata = checkpoint.load_params(tmp_path / 'clip')
+  assert params['backbone']['positional_embedding'].shape == (1 + 37 * 37, 128)
+  assert metadata['clip_spec']['image_size'] == [518, 518]
+  assert metadata['clip_spec']['patch_size'] == 14
