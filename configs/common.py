@@ -34,6 +34,61 @@ DATA = {
 }
 
 
+# Image towers: 'vitb16' is the paper's (the defaults of otseg.get_config and the tables above);
+# 'vitl14' is OpenAI's CLIP ViT-L/14, not in the paper: config.model.backbone fields and CLIP.
+BACKBONES = {
+    'vitb16': dict(clip='openai/clip-vit-base-patch16', backbone={}),
+    'vitl14': dict(
+        clip='openai/clip-vit-large-patch14',
+        # Text tower: width 768, 12 layers, 12 heads, as the checkpoint says (nothing to set).
+        backbone=dict(patch_size=14, width=1024, layers=24, heads=16, output_dim=768,
+                      # Deep prompts on every block after the first, as 11 of ViT-B/16's 12.
+                      prompt_depth=23)),  # ours (L)
+}
+
+
+def split_arg(arg: str | None, default: str) -> tuple[str, str]:
+  """'SETTING[:BACKBONE]' (the config argument after the file) -> (setting, backbone)."""
+  setting, _, backbone = (arg or default).partition(':')
+  backbone = backbone or 'vitb16'
+  if backbone not in BACKBONES:
+    raise ValueError(f'Unknown backbone {backbone!r}: use one of {", ".join(BACKBONES)} '
+                     f'(e.g. --config configs/voc12.py:{setting or default}:vitl14).')
+  return setting or default, backbone
+
+
+def crop_for_patch(crop: int, stride: int, patch: int) -> tuple[int, int]:
+  """(crop, stride) on a whole patch grid: the crop rounded to the nearest multiple of `patch`,
+  the slide stride scaled with it (512, 426, 14 -> 518 (37 x 37), 431)."""  # ours (L)
+  new = max(1, round(crop / patch)) * patch
+  return new, round(stride * new / crop)
+
+
+def set_backbone(config: ml_collections.ConfigDict, backbone: str) -> ml_collections.ConfigDict:
+  """`config` (a full training config) for another image tower of `BACKBONES`: its CLIP, the
+  backbone fields, the crop on the tower's patch grid, the slide stride scaled with it and every
+  rescale's short side at least one crop (as ViT-B/16's 512 crop of 512-short-side images). The
+  head (and so the decoder width) follows the tower's output_dim. The text embeddings are
+  computed with the tower's CLIP ('' keeps that), as the authors' arrays are ViT-B/16's."""
+  if backbone == 'vitb16':
+    return config
+  b = BACKBONES[backbone]
+  config.clip = b['clip']
+  config.model.backbone.update(b['backbone'])
+  crop, stride = crop_for_patch(config.eval.crop_size, config.eval.stride,
+                                config.model.backbone.patch_size)
+  config.model.image_size = config.eval.crop_size = crop
+  config.eval.stride = stride
+  long, short = config.data.img_scale
+  config.data.img_scale = (long, max(short, crop))  # ours (L)
+  long, short = config.data.eval_img_scale
+  config.data.eval_img_scale = (long, max(short, crop))  # ours (L)
+  if config.data.eval_min_size is not None:
+    config.data.eval_min_size = max(config.data.eval_min_size, crop)  # ours (L)
+  config.model.variant = f'{config.model.variant}:{backbone}'
+  return config
+
+
 def data_config(dataset: str) -> ml_collections.ConfigDict:
   """config.data for reading `dataset` (otseg_jax.data.pipeline)."""
   d = DATA[dataset]
@@ -68,8 +123,11 @@ REFERENCE_RULES = (
 )
 
 
-def make_config(dataset: str, setting: str) -> ml_collections.ConfigDict:
-  """The full config of training `dataset` in `setting` (inductive | transductive | fully_supervised)."""
+def make_config(dataset: str, setting: str, backbone: str = 'vitb16') -> ml_collections.ConfigDict:
+  """The full config of training `dataset` in `setting` (inductive | transductive | fully_supervised)
+  with the image tower `backbone` of `BACKBONES` (the paper's ViT-B/16 by default)."""
+  if backbone not in BACKBONES:
+    raise ValueError(f'Unknown backbone {backbone!r}: use one of {", ".join(BACKBONES)}.')
   if dataset not in DATASETS:
     raise ValueError(f'No config for dataset {dataset!r}; known: {sorted(DATASETS)}.')
   if setting not in classes.SETTINGS:
@@ -140,4 +198,4 @@ def make_config(dataset: str, setting: str) -> ml_collections.ConfigDict:
   config.eval.batch_size = 8  # Slide windows per forward (global; a multiple of the devices).
   config.eval.max_images = 0  # 0: the whole split; N: the first N (quick periodic evals).
   config.eval.num_overlays = 8  # Colourised overlays of the first N images.
-  return config
+  return set_backbone(config, backbone)

@@ -3,7 +3,7 @@ r"""Cross-dataset evaluation: a model trained on SOURCE evaluated on TARGET's cl
   python eval.py --config configs/cross_dataset.py:coco_to_voc --checkpoint runs/coco_st
 
 Pairs (the authors' configs/cross_dataset/*.py): coco_to_voc, coco_to_context, coco_to_ade,
-context_to_voc, context_to_coco. The model fields (prompt tokens, crop) are the source's; the text
+context_to_voc, context_to_coco; `PAIR:vitl14` for CLIP ViT-L/14 (configs/common.py BACKBONES). The model fields (prompt tokens, crop) are the source's; the text
 embeddings are the TARGET's (K_target rows, computed with the source's N templates), unlike the
 reference, which loads the source's array whose class count does not match (spec section 9).
 Every target class is "seen" for the model, so there is no calibration; seen / unseen / hIoU are
@@ -23,10 +23,12 @@ PAIRS = {
 
 
 def get_config(arg=None):
-  if arg not in PAIRS:
+  pair, _, backbone = (arg or '').partition(':')
+  if pair not in PAIRS:
     raise ValueError(f'configs/cross_dataset.py needs one of {", ".join(PAIRS)} as its argument, '
                      f'e.g. --config configs/cross_dataset.py:coco_to_voc (got {arg!r}).')
-  source, target, crop, stride = PAIRS[arg]
+  _, backbone = common.split_arg(f'transductive:{backbone}', 'transductive')
+  source, target, crop, stride = PAIRS[pair]
   config = common.make_config(source, 'transductive')
   config.source_dataset = source
   config.dataset = target
@@ -35,4 +37,5 @@ def get_config(arg=None):
   config.model.calibration = 0.0
   config.eval.crop_size = crop
   config.eval.stride = stride
-  return config
+  # Another image tower (PAIR:vitl14): the pair's crop and the target's scales on its grid.
+  return common.set_backbone(config, backbone)

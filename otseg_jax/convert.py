@@ -1,28 +1,33 @@
 """Checkpoint conversion into our parameter tree.
 
-  python -m otseg_jax.convert --from otseg-mmseg --in iter_20000.pth --out ckpt/voc [--config voc]
+  python -m otseg_jax.convert --from mmseg --in iter_20000.pth --out ckpt/voc [--config voc]
   python -m otseg_jax.convert --from openai-clip --in ViT-B-16.pt --out ckpt/clip [--config voc]
   python -m otseg_jax.convert --from hf-clip --in openai/clip-vit-base-patch16 --out ckpt/clip
+  python -m otseg_jax.convert --from open-clip --in DIR_OR_open_clip_pytorch_model.bin --out ckpt/clip
 
---from otseg-mmseg: the authors' mmseg checkpoint (`state_dict` with `backbone.*`,
-  `decode_head.*`, `text_encoder.*`). Every tensor is mapped by name (rename + transpose); the
-  positional grid is resized to the config's image_size/patch grid where it differs. Tensors the
-  model never uses (decoder self_attn / norm1, the last decoder layer's v, proj, FFN and norms,
-  the loss buffer, text_encoder.*) are listed and skipped; a missing or unexpected tensor is an
-  error that names it. Writes a checkpoint whose params are {'backbone': ..., 'decode_head': ...}.
---from openai-clip / hf-clip: CLIP ViT weights (an OpenAI .pt, an HF directory or hub id) read
-  by `clip_weights.load_clip`; writes {'backbone': image tower, 'text': text tower} with the
-  positional grid resized for the config, the source's own positional embedding beside them
-  (loading for another size resizes that, once) and the CLIP spec in the metadata. The backbone
-  subtree has every non-prompt leaf of OTSeg's backbone, so a trainer initialises the image
-  tower from it (prompts and head stay freshly initialised) and the text tower computes the
-  text embeddings. An HF directory's tokenizer files are copied beside them, so the output is a
-  complete `config.clip` for train.py.
---config: a model config name of `otseg.get_config` (voc [default], context, coco), or a .json
-  file: either a model config (`ConfigDict.to_json()` of such a config, or some of its fields,
-  e.g. {"image_size": 224}, the rest from voc) or the `config/json` of a reference dump
-  (../shared/reference). Any other JSON (e.g. a training run's config.json) is refused. It fixes
-  the positional grid and the prompt shapes.
+The method is `config.model.name` of `--config` (default otseg); the converter never names one.
+--from mmseg (or METHOD-mmseg, e.g. otseg-mmseg, which also picks the method): the authors' mmseg
+  checkpoint (`state_dict`), mapped by the method's optional `from_mmseg_state_dict(state_dict,
+  config)` hook (OTSeg's: `backbone.*`, `decode_head.*`, `text_encoder.*`, every tensor mapped
+  by name, rename + transpose, the positional grid resized to the config's; otseg_mmseg.py).
+  Tensors the model never uses are listed and skipped; a missing or unexpected tensor is an error
+  that names it. The tree is checked against the model's own (`param_shapes`).
+--from openai-clip / hf-clip / open-clip: CLIP ViT weights (an OpenAI .pt, an HF directory or
+  hub id, an OpenCLIP `open_clip_pytorch_model.bin` / `.safetensors` with its
+  `open_clip_config.json`) read by `clip_weights.load_clip`; writes {'backbone': image tower,
+  'text': text tower} with the positional grid resized for the config, the source's own
+  positional embedding beside them (loading for another size resizes that, once) and the CLIP
+  spec in the metadata. A trainer initialises its CLIP towers (`config.model.clip_towers`) from
+  it and the text tower computes the text embeddings. A source directory's tokenizer files are
+  copied beside them, so the output is a complete `config.clip` for train.py.
+--config: a name of the method's `get_config` (otseg: voc [default], context, coco), a training
+  config file with its argument (configs/voc12.py:inductive:vitl14 for ViT-L/14: its `model`), or
+  a .json file: either a model config (`ConfigDict.to_json()`
+  of such a config, or some of its fields, e.g. {"image_size": 224}, the rest from the method's
+  default; its "name" picks the method) or the `config/json` of a reference dump
+  (../shared/reference, through the method's optional `config_from_reference` hook). Any other
+  JSON (e.g. a training run's config.json) is refused. It fixes the positional grid and the
+  prompt shapes.
 
 Files are read by `clip_weights.load_state_dict`: torch only inside it, with `weights_only=True`
 (TorchScript archives and .safetensors without torch).
@@ -31,11 +36,11 @@ Files are read by `clip_weights.load_state_dict`: torch only inside it, with `we
 import argparse
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 import json
 import pathlib
-import re
 import sys
+import types
 from typing import Any
 
 from flax import traverse_util
@@ -47,102 +52,36 @@ import numpy as np
 from otseg_jax import checkpoint
 from otseg_jax import cli
 from otseg_jax import image_ops
+from otseg_jax import models
 from otseg_jax.models import clip_weights
-from otseg_jax.models import otseg
 
-Path = tuple[str, ...]
+# The method of a --config given by name, or of a .json without "name".
+DEFAULT_METHOD = 'otseg'
 TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json')
-_Row = tuple[str, Path, Callable[[np.ndarray], np.ndarray]]
+CLIP_SOURCES = ('openai-clip', 'hf-clip', 'open-clip')
 
 
-def _same(x: np.ndarray) -> np.ndarray:
-  return x
+def _method(name: str) -> types.ModuleType:
+  try:
+    return models.get_method(name)
+  except ModuleNotFoundError as e:
+    raise ValueError(f'No method {name!r} (config.model.name): otseg_jax.models.{name} or a '
+                     f'dotted module path ({e}).') from e
 
 
-def _transpose(x: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(x.T)
-
-
-def _linear(torch_name: str, path: Path) -> list[_Row]:
-  # nn.Linear.weight is (out, in), applied as x @ W.T; flax Dense kernel is (in, out).
-  return [(f'{torch_name}.weight', path + ('kernel',), _transpose),
-          (f'{torch_name}.bias', path + ('bias',), _same)]
-
-
-def _norm(torch_name: str, path: Path) -> list[_Row]:
-  return [(f'{torch_name}.weight', path + ('scale',), _same),
-          (f'{torch_name}.bias', path + ('bias',), _same)]
-
-
-def decoder_layer_rows(layer: int, with_output: bool) -> list[_Row]:
-  """Rows (torch name under `decode_head.`, path under one layer, transform) of one layer."""
-  t = f'decoder_1.layers.{layer}'
-  rows = _linear(f'{t}.multihead_attn.q', ('multihead_attn', 'q'))
-  rows += _linear(f'{t}.multihead_attn.k', ('multihead_attn', 'k'))
-  if with_output:
-    rows += _linear(f'{t}.multihead_attn.v', ('multihead_attn', 'v'))
-    rows += _linear(f'{t}.multihead_attn.proj', ('multihead_attn', 'proj'))
-    rows += _linear(f'{t}.linear1', ('linear1',))
-    rows += _linear(f'{t}.linear2', ('linear2',))
-    rows += _norm(f'{t}.norm2', ('norm2',))
-    rows += _norm(f'{t}.norm3', ('norm3',))
-  return rows
-
-
-def head_rows(decoder_layers: int) -> list[_Row]:
-  """Every tensor the head uses: torch name under `decode_head.` -> path under `decode_head`."""
-  rows = _linear('q_proj', ('q_proj',))
-  for i in range(decoder_layers):
-    rows += [(n, (f'layers_{i}',) + p, f)
-             for n, p, f in decoder_layer_rows(i, with_output=i < decoder_layers - 1)]
-  return rows
-
-
-def _fill(state_dict: Mapping[str, np.ndarray], rows: list[_Row], what: str) -> dict:
-  missing = [name for name, _, _ in rows if name not in state_dict]
-  if missing:
-    raise clip_weights.CheckpointError(
-        f'{what}: {len(missing)} tensor(s) missing from the checkpoint: '
-                   f'{", ".join(missing)}. Is it an OTSeg checkpoint of this config '
-                   '(--config)?')
-  return traverse_util.unflatten_dict(
-      {path: fn(np.asarray(state_dict[name])) for name, path, fn in rows})
-
-
-# Head tensors that exist in the authors' checkpoints but never take part in the forward pass.
-_HEAD_UNUSED = re.compile(
-    r'^(loss_decode\..*|decoder_1\.layers\.(\d+)\.(self_attn\..*|norm1\..*|'
-    r'multihead_attn\.(v|proj)\..*|linear[12]\..*|norm[23]\..*))$')
-
-
-def head_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
-                                decoder_layers: int) -> tuple[dict, list[str]]:
-  """The `decode_head` subtree from `decode_head.*` tensors given WITHOUT that prefix.
-
-  Returns:
-    (params, unused names). Raises CheckpointError (a ValueError) listing missing or unknown
-    tensors.
-  """
-  rows = head_rows(decoder_layers)
-  params = _fill(state_dict, rows, 'decode_head')
-  used = {name for name, _, _ in rows}
-  unused = [k for k in state_dict if k not in used]
-  unknown = []
-  for k in unused:
-    match = _HEAD_UNUSED.match(k)
-    if not match or (match.group(2) is not None and int(match.group(2)) >= decoder_layers):
-      unknown.append(k)
-  if unknown:
-    raise clip_weights.CheckpointError(
-        f'decode_head: unexpected tensor(s) {", ".join("decode_head." + k for k in unknown)}. '
-        f'The config has {decoder_layers} decoder layers, use_stages=1 and no input projection; '
-        'pick the --config that matches the checkpoint.')
-  return params, unused
+def _hook(method: types.ModuleType, name: str, what: str):
+  """A method's optional hook (otseg_jax/models/__init__.py), or a clear error."""
+  fn = getattr(method, name, None)
+  if fn is None:
+    raise ValueError(f'Method {method.__name__} has no {name}(): it cannot {what}. Add the '
+                     'hook to its module (otseg_jax/models/__init__.py lists it).')
+  return fn
 
 
 def param_shapes(config: ml_collections.ConfigDict) -> dict:
-  """{'backbone': ..., 'decode_head': ...} of ShapeDtypeStructs for `config`, without compute."""
+  """The parameter tree of `config`'s method ({'backbone': ..., 'decode_head': ...} for OTSeg) as
+  ShapeDtypeStructs, without compute."""
   return _param_shapes(config.to_json())
 
 
@@ -150,12 +89,15 @@ def param_shapes(config: ml_collections.ConfigDict) -> dict:
 def _param_shapes(config_json: str) -> dict:
   # Tracing the whole model takes seconds; parity converts weights and gradients per config.
   config = ml_collections.ConfigDict(json.loads(config_json))
-  model = otseg.model_from_config(config)
+  model = _method(config.name).model_from_config(config)
   s = config.image_size
   images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  text = jax.ShapeDtypeStruct((1, config.num_prompts, config.backbone.output_dim), jnp.float32)
-  variables = jax.eval_shape(
-      lambda x, t: model.init(jax.random.key(0), x, t, train=False), images, text)
+  if config.get('text', 'embeddings') == 'tokens':  # (K, L) token ids for a prompt learner
+    text = jax.ShapeDtypeStruct((1, 77), jnp.int32)
+  else:  # (K, N, C) embeddings
+    text = jax.ShapeDtypeStruct((1, config.num_prompts, config.backbone.output_dim), jnp.float32)
+  variables = jax.eval_shape(lambda x, t: models.init(model, jax.random.key(0), x, t),
+                             images, text)
   return variables['params']
 
 
@@ -181,81 +123,31 @@ def _check_against(params: dict, expected: dict) -> None:
 
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
                            config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
-  """OTSeg params from an mmseg state dict (`backbone.*`, `decode_head.*`, `text_encoder.*`).
+  """The method's params from the authors' mmseg state dict, checked against its model.
 
   Args:
     state_dict: torch names -> numpy arrays in PyTorch layouts (dtypes kept).
-    config: the model config (`otseg.get_config`); fixes the grid and the number of layers.
+    config: the model config; `config.name` picks the method, whose `from_mmseg_state_dict`
+      hook maps the tensors (the config fixes the grid and the number of layers).
 
   Returns:
-    (params {'backbone', 'decode_head'} matching `param_shapes(config)`, sorted unused names).
+    (params matching `param_shapes(config)`, sorted names of the tensors the model never uses).
   """
-  groups: dict[str, dict[str, np.ndarray]] = {'backbone': {}, 'decode_head': {}}
-  unused = []
-  for name, value in state_dict.items():
-    prefix, _, rest = name.partition('.')
-    if prefix in groups:
-      groups[prefix][rest] = value
-    else:  # text_encoder.* (text embeddings come from a file) and anything else.
-      unused.append(name)
-  if not groups['backbone'] or not groups['decode_head']:
-    raise clip_weights.CheckpointError(
-        'The state dict has no backbone.* or no decode_head.* tensors: is it an '
-                   "OTSeg mmseg checkpoint (checkpoint['state_dict'])?")
-  # Both parts are checked before raising, so one error lists every problem.
-  errors = []
-  try:
-    backbone = clip_weights.visual_params_from_state_dict(
-        groups['backbone'], image_size=config.image_size)
-  except clip_weights.CheckpointError as e:
-    errors.append(f'backbone.*: {e}')
-  try:
-    head, head_unused = head_params_from_state_dict(
-        groups['decode_head'], config.head.decoder_layers)
-  except clip_weights.CheckpointError as e:
-    errors.append(str(e))
-  if errors:
-    raise clip_weights.CheckpointError('\n'.join(errors))
-  unused += ['decode_head.' + k for k in head_unused]
-  params = {'backbone': jax.tree.map(np.asarray, backbone), 'decode_head': head}
+  convert = _hook(_method(config.name), 'from_mmseg_state_dict', 'read mmseg checkpoints')
+  params, unused = convert(state_dict, config)
   _check_against(params, param_shapes(config))
-  return params, sorted(unused)
+  return params, unused
 
 
 # ---------------------------------------------------------------------------------------------
 # Configs.
 
 
-def config_from_reference(ref: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """Model config from a reference dump's `config/json` (../shared/reference/README.md)."""
-  unsupported = []
-  if ref.get('use_proj', False):
-    unsupported.append('use_proj=True (input projection)')
-  if ref.get('use_stages', 1) != 1:
-    unsupported.append(f'use_stages={ref["use_stages"]}')
-  if list(ref.get('out_indices', [ref['layers'] - 1])) != [ref['layers'] - 1]:
-    unsupported.append(f'out_indices={ref["out_indices"]} (only the last block)')
-  if ref.get('embed_dims', ref['output_dim']) != ref['output_dim']:
-    unsupported.append('embed_dims != output_dim')
-  if ref.get('prompt_dim', ref['width']) != ref['width']:
-    unsupported.append('prompt_dim != width')
-  if unsupported:
-    raise ValueError(f'Reference config {ref.get("name")!r} is not supported: '
-                     + ', '.join(unsupported))
-  config = otseg.get_config()
-  config.variant = ref.get('name', 'reference')
-  config.image_size = ref['img_size']
-  config.backbone.update(dict(
-      patch_size=ref['patch_size'], width=ref['width'], layers=ref['layers'],
-      heads=ref['heads'], output_dim=ref['output_dim'], num_prompt_tokens=ref['num_tokens'],
-      prompt_depth=ref['total_d_layer'], prompt_dropout=ref.get('dropout_p', 0.1)))
-  config.head.update(dict(decoder_layers=ref['dec_layers'], num_heads=ref['dec_heads'],
-                          dropout=ref.get('dropout_p', 0.1)))
-  config.ot.epsilon = ref.get('sinkhorn_eps', 0.05)
-  config.num_prompts = ref['num_prompts']
-  config.ensemble_weight = ref.get('balancing_factor', 0.5)
-  config.calibration = ref.get('seen_bias', 0.1)
-  return config
+def config_from_reference(ref: Mapping[str, Any],
+                          method: str = DEFAULT_METHOD) -> ml_collections.ConfigDict:
+  """Model config from a reference dump's `config/json` (../shared/reference/README.md), by the
+  method's `config_from_reference` hook."""
+  return _hook(_method(method), 'config_from_reference', 'read reference dumps')(ref)
 
 
 def _unknown_fields(data: Mapping[str, Any], known: Mapping[str, Any], prefix: str = '') -> list:
@@ -271,13 +163,34 @@ def _unknown_fields(data: Mapping[str, Any], known: Mapping[str, Any], prefix: s
   return out
 
 
-def load_model_config(name_or_path: str) -> ml_collections.ConfigDict:
-  """`otseg.get_config(NAME)`, or a .json file: a model config (all or some of its fields, the
-  rest from voc) or a reference dump's `config/json`. Anything else is refused: a training run's
-  config.json, say, would otherwise be merged field by field over voc and silently ignored."""
+def _training_config(file: str, arg: str | None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a training config file (configs/voc12.py:inductive:vitl14), as train.py
+  reads it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(file).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f'--config {file}: no such file.')
+  spec = importlib.util.spec_from_file_location(f'_convert_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  if 'model' not in config:
+    raise ValueError(f'--config {file}: its get_config() has no model section.')
+  return config
+
+
+def load_model_config(name_or_path: str, method: str = DEFAULT_METHOD) -> ml_collections.ConfigDict:
+  """`get_config(NAME)` of `method`, the `model` of a training config file (`configs/voc12.py`,
+  `configs/voc12.py:inductive:vitl14`), or a .json file: a model config (all or some of its fields,
+  the rest from the default of its "name" or `method`) or a reference dump's `config/json`.
+  Anything else is refused: a training run's config.json, say, would otherwise be merged field by
+  field over the default and silently ignored."""
+  file, _, arg = name_or_path.partition(':')
+  if file.endswith('.py'):
+    return _training_config(file, arg or None).model
   path = pathlib.Path(name_or_path)
   if path.suffix != '.json':
-    return otseg.get_config(name_or_path)
+    return _method(method).get_config(name_or_path)
   if not path.is_file():
     raise FileNotFoundError(f'--config {name_or_path}: no such file.')
   try:
@@ -289,16 +202,19 @@ def load_model_config(name_or_path: str) -> ml_collections.ConfigDict:
                      'config (a JSON object).')
   if 'dec_layers' in data:  # A reference dump's config.
     try:
-      return config_from_reference(data)
+      return config_from_reference(data, method)
     except KeyError as e:
       raise ValueError(f'--config {name_or_path}: a reference config without the field {e}.') from e
-  config = otseg.get_config()
+  if isinstance(data.get('name'), str):
+    method = data['name']
+  config = _method(method).get_config()
   unknown = _unknown_fields(data, config.to_dict())
   if unknown:
-    hint = (" It looks like a training run's config.json: pass --config voc|context|coco, or a "
-            "file with its 'model' section alone." if 'model' in data else '')
+    hint = (" It looks like a training run's config.json: pass --config NAME (a name the "
+            "method's get_config takes, e.g. voc|context|coco for otseg), or a file with its "
+            "'model' section alone." if 'model' in data else '')
     raise ValueError(f'--config {name_or_path}: not a model config, {", ".join(unknown)} '
-                     f'{"is" if len(unknown) == 1 else "are"} no field of otseg.get_config() '
+                     f'{"is" if len(unknown) == 1 else "are"} no field of {method}.get_config() '
                      f'(fields: {", ".join(config)}).{hint}')
   try:
     config.update(data)
@@ -322,24 +238,41 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m otseg_jax.convert', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--from', dest='source', required=True,
-                      choices=['otseg-mmseg', 'openai-clip', 'hf-clip'])
+  parser.add_argument('--from', dest='source', required=True, metavar='SOURCE',
+                      help='mmseg (or METHOD-mmseg, e.g. otseg-mmseg) | ' + ' | '.join(CLIP_SOURCES))
   parser.add_argument('--in', dest='input', required=True,
-                      help='checkpoint file (or HF model directory / name for hf-clip)')
+                      help='checkpoint file (or HF model directory / name for hf-clip, an '
+                      'OpenCLIP directory for open-clip)')
   parser.add_argument('--out', required=True, help='output checkpoint directory')
   parser.add_argument('--config', default='voc',
-                      help='model config: voc | context | coco | path/to/config.json')
+                      help="model config: a name of the method's get_config (otseg: voc | "
+                      'context | coco) | configs/voc12.py[:inductive:vitl14] (its model) | '
+                      'path/to/config.json')
+  parser.add_argument('--method', default=None,
+                      help=f'config.model.name of a --config given by name (default '
+                      f'{DEFAULT_METHOD}; METHOD-mmseg sets it too)')
   parser.add_argument('--dtype', default='float32',
                       choices=['float32', 'bfloat16', 'float16', 'float64', 'keep'],
                       help="stored float dtype ('keep' leaves the source dtype)")
   parser.add_argument('--overwrite', action='store_true')
   args = parser.parse_args(argv)
+  mmseg = args.source == 'mmseg' or args.source.endswith('-mmseg')
+  if not (mmseg or args.source in CLIP_SOURCES):
+    parser.error(f'argument --from: invalid choice {args.source!r} (choose mmseg, METHOD-mmseg, '
+                 f'{", ".join(CLIP_SOURCES)})')
+  method = args.method
+  if args.source.endswith('-mmseg'):
+    named = args.source[:-len('-mmseg')]
+    if method not in (None, named):
+      parser.error(f'--from {args.source} names the method {named!r}, --method says {method!r}.')
+    method = named
+  method = method or DEFAULT_METHOD
 
-  config = load_model_config(args.config)
+  config = load_model_config(args.config, method)
   dtype = None if args.dtype == 'keep' else args.dtype
   metadata = {'source': args.source, 'input': str(args.input), 'config': config.to_dict()}
   extra_files = []
-  if args.source == 'otseg-mmseg':
+  if mmseg:
     params, unused = params_from_state_dict(clip_weights.load_state_dict(args.input), config)
     metadata['unused'] = unused
     print(f'{len(unused)} tensor(s) not used by the model:')
@@ -352,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.source == 'hf-clip' and path.is_file():
       raise ValueError(f'--from hf-clip: {path} is a file; pass an HF CLIP directory '
                        "(config.json + model.safetensors) or a hub id, or use --from openai-clip.")
-    spec, towers = clip_weights.load_clip(args.input)  # the source's own grid
+    if args.source == 'open-clip':
+      spec, towers = clip_weights.load_open_clip(path)  # the source's own grid
+    else:
+      spec, towers = clip_weights.load_clip(args.input)
     source_pos = towers['visual']['positional_embedding']
     visual = dict(towers['visual'], positional_embedding=clip_weights.positional_embedding_for(
         source_pos, spec.patch_size, config.image_size))
@@ -360,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
               clip_weights.SOURCE_POSITIONAL_EMBEDDING: source_pos}
     spec = dataclasses.replace(spec, image_size=image_ops.as_pair(config.image_size))
     metadata['clip_spec'] = dataclasses.asdict(spec)
-    # A copy of an HF directory's tokenizer makes the output a complete `config.clip`.
-    extra_files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    # A copy of the source directory's tokenizer makes the output a complete `config.clip` (an
+    # OpenCLIP hub snapshot has it beside its weights file).
+    folder = path if path.is_dir() or args.source != 'open-clip' else path.parent
+    extra_files = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
   params = _cast(jax.tree.map(np.asarray, params), dtype)
   out = checkpoint.save_params(args.out, params, metadata, overwrite=args.overwrite,
                                extra_files=extra_files)

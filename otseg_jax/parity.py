@@ -8,10 +8,11 @@
     python -m otseg_jax.parity otseg_small.npz --x64 --converged --checks step   # the train step
 
 The dump's `config/json` describes the model; its weights go through the same converter as the
-authors' checkpoints (`convert.params_from_state_dict`), its gradients too (a state dict whose
-trainable tensors are replaced by their gradients). `--converged [FILE]` takes weights and inputs
-from the dump and the expected outputs from FILE (default: `<dump>_converged.npz` beside it),
-and runs the Sinkhorn solver to convergence. One line per quantity: name, max abs error, max
+authors' checkpoints (`convert.params_from_state_dict`, the method's `from_mmseg_state_dict`
+hook), its gradients too (a state dict whose trainable tensors are replaced by their
+gradients). `--converged [FILE]` takes weights and inputs from the dump and the expected outputs
+from FILE (default: `<dump>_converged.npz` beside it), and runs the Sinkhorn solver to
+convergence. One line per quantity: name, max abs error, max
 error relative to the reference array's max magnitude; exit status 1 beyond tolerance.
 
 Checks: 'train' (the training forward, losses and gradients), 'eval', 'slide', 'rect' (the
@@ -214,7 +215,7 @@ def run(dump: dict[str, np.ndarray], expected: dict[str, np.ndarray] | None = No
     layer = ot_layers.MPSADecoderLayer(
         config.backbone.output_dim, ml_collections.FrozenConfigDict(config.ot),
         dropout=0.0, with_output=True, dtype=dtype)
-    rows_last = convert.decoder_layer_rows(num_layers - 1, with_output=True)
+    rows_last = method.mmseg_decoder_layer_rows(num_layers - 1, with_output=True)
     layer_params = cast(traverse_util.unflatten_dict({
         p: f(state_dict['decode_head.' + n]) for n, p, f in rows_last}))
     q_last, _, _ = jit(lambda p, x, v: layer.apply({'params': p}, x, v, train=False))(

@@ -265,8 +265,9 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m otseg_jax.text_embeddings',
                               description='Writes (K, N, C) L2-normalised CLIP text embeddings.')
   p.add_argument('--clip', required=True,
-                 help='HF CLIP directory, hub id (openai/clip-vit-base-patch16) or OpenAI .pt '
-                 'file.')
+                 help='HF CLIP directory, hub id (openai/clip-vit-base-patch16), OpenAI .pt '
+                 'file, OpenCLIP directory / weights file with its open_clip_config.json, or a '
+                 'python -m otseg_jax.convert directory.')
   p.add_argument('--tokenizer', default=None,
                  help='tokenizer directory or hub id (default: the --clip directory if it has '
                  f'tokenizer files, else {tokenizer_lib.DEFAULT_TOKENIZER}).')

@@ -417,3 +417,130 @@ def test_backbone_config_must_name_the_checkpoints_mlp_and_activation():
   clip_weights.check_backbone_config(
       dataclasses.replace(spec, vision_mlp_dim=0, activation='quick_gelu'),
       dict(backbone, mlp_dim=128), 'ckpt')
+
+
+def _open_clip_checkpoint(mlp_ratio=2, seed=7):
+  """A tiny OpenCLIP-layout state dict (OpenAI names; GELU, 4 vision heads of 16, 2 text heads
+  of 32, MLP 2x) and its open_clip_config.json, as `open_clip.create_model` + the hub write them."""
+  model = ct.OpenAICLIP(embed_dim=24, image_size=32, patch_size=8, vision_width=64,
+                        vision_layers=2, context_length=16, vocab_size=100, text_width=64,
+                        text_layers=2)
+  sd = {k: v.detach().clone() for k, v in ct.redraw_(model, seed).state_dict().items()}
+  gen = torch.Generator().manual_seed(seed)
+  for k in [k for k in sd if k.endswith('mlp.c_fc.weight')]:  # MLP width from c_fc, not 4 x
+    d, p = sd[k].shape[1], k[:-len('c_fc.weight')]
+    m = mlp_ratio * d
+    sd[p + 'c_fc.weight'] = torch.randn(m, d, generator=gen) / d**0.5
+    sd[p + 'c_fc.bias'] = 0.02 * torch.randn(m, generator=gen)
+    sd[p + 'c_proj.weight'] = torch.randn(d, m, generator=gen) / m**0.5
+  sd['logit_scale'] = torch.tensor(4.6)
+  config = {'model_cfg': {
+      'embed_dim': 24, 'quick_gelu': False,
+      'vision_cfg': {'image_size': 32, 'layers': 2, 'width': 64, 'head_width': 16,
+                     'patch_size': 8, 'mlp_ratio': mlp_ratio},
+      'text_cfg': {'context_length': 16, 'vocab_size': 100, 'width': 64, 'heads': 2,
+                   'layers': 2, 'mlp_ratio': mlp_ratio}},
+      'preprocess_cfg': {'mean': [0.48145466, 0.4578275, 0.40821073],
+                         'std': [0.26862954, 0.26130258, 0.27577711]}}
+  return sd, config
+
+
+def test_open_clip_files_load_and_match_transformers(tmp_path):
+  """OpenCLIP's .bin and .safetensors (directory or file + JSON beside it): both towers against
+  transformers' CLIPModel holding the same weights (its own GELU, heads and MLP), float32 1e-5."""
+  import transformers
+  sd, config = _open_clip_checkpoint()
+  for name in ('bin', 'st'):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'open_clip_config.json').write_text(json.dumps(config))
+  torch.save(sd, tmp_path / 'bin' / 'open_clip_pytorch_model.bin')
+  safetensors.numpy.save_file({k: v.numpy() for k, v in sd.items()},
+                              str(tmp_path / 'st' / 'open_clip_model.safetensors'))
+  loaded = [clip_weights.load_clip(tmp_path / 'bin'), clip_weights.load_clip(tmp_path / 'st'),
+            clip_weights.load_clip(tmp_path / 'bin' / 'open_clip_pytorch_model.bin')]
+  spec = loaded[0][0]
+  assert all(s == spec for s, _ in loaded)
+  assert (spec.vision_heads, spec.text_heads, spec.activation) == (4, 2, 'gelu')
+  assert (spec.vision_mlp_dim, spec.text_mlp_dim) == (128, 128)
+  trees = [_flat(p) for _, p in loaded]
+  for k in trees[0]:
+    np.testing.assert_array_equal(trees[0][k], trees[1][k], err_msg=k)
+    np.testing.assert_array_equal(trees[0][k], trees[2][k], err_msg=k)
+
+  hf = transformers.CLIPModel(ct.tiny_hf_config(
+      vision_width=64, vision_heads=4, text_width=64, text_heads=2, hidden_act='gelu',
+      mlp_ratio=2)).eval()
+  missing, unexpected = hf.load_state_dict(ct.openai_to_hf_state_dict(sd), strict=False)
+  assert not unexpected and all('position_ids' in m for m in missing), (missing, unexpected)
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+  tokens = ct.random_tokens(rng, 3, 16, 100)
+  with torch.no_grad():
+    g_hf, d_hf = ct.hf_image_features(hf, torch.from_numpy(images))
+    t_hf = hf.get_text_features(input_ids=torch.from_numpy(tokens))
+    t_hf = getattr(t_hf, 'pooler_output', t_hf)
+  params = loaded[0][1]
+  g, d, _ = jax.jit(spec.vision_tower().apply)({'params': params['visual']},
+                                              images.transpose(0, 2, 3, 1))
+  t = jax.jit(spec.text_tower().apply)({'params': params['text']}, tokens)
+  for got, want in ((g, g_hf), (d, d_hf), (t, t_hf)):
+    want = want.numpy()
+    assert np.abs(np.asarray(got) - want).max() <= 1e-5 * np.abs(want).max()
+
+  # The quick_gelu flag of the OpenAI-trained configs.
+  config['model_cfg']['quick_gelu'] = True
+  (tmp_path / 'bin' / 'open_clip_config.json').write_text(json.dumps(config))
+  assert clip_weights.load_clip(tmp_path / 'bin')[0].activation == 'quick_gelu'
+
+
+def test_open_clip_problems_are_named(tmp_path):
+  sd, config = _open_clip_checkpoint(mlp_ratio=4)
+  (tmp_path / 'lone').mkdir()
+  torch.save(sd, tmp_path / 'lone' / 'open_clip_pytorch_model.bin')
+  with pytest.raises(FileNotFoundError, match='needs its open_clip_config.json beside it'):
+    clip_weights.load_clip(tmp_path / 'lone' / 'open_clip_pytorch_model.bin')
+  with pytest.raises(FileNotFoundError, match='needs its open_clip_config.json'):
+    clip_weights.load_open_clip(tmp_path / 'lone')
+  cases = [
+      ({k: v for k, v in sd.items() if k != 'visual.ln_post.bias'}, config,
+       r'missing \(1\): ln_post\.bias'),
+      ({**sd, 'visual.transformer.resblocks.1.attn.out_proj.weight': torch.zeros(64, 32)}, config,
+       r'transformer\.resblocks\.1\.attn\.out_proj\.weight has shape \(64, 32\), expected '
+       r'\(64, 64\)'),
+      (sd, {'model_cfg': dict(config['model_cfg'], vision_cfg=dict(
+          config['model_cfg']['vision_cfg'], width=768))},
+       r'vision_cfg\.width=768 but the tensors say 64'),
+      (sd, {'model_cfg': dict(config['model_cfg'], text_cfg=dict(
+          config['model_cfg']['text_cfg'], hf_model_name='roberta-base'))},
+       r"not an OpenAI-style CLIP ViT this port can run: text_cfg\.hf_model_name='roberta-base'"),
+      (sd, {'preprocess_cfg': {}}, 'no model_cfg with vision_cfg and text_cfg'),
+  ]
+  for i, (state, cfg, message) in enumerate(cases):
+    d = tmp_path / f'c{i}'
+    d.mkdir()
+    torch.save(state, d / 'open_clip_pytorch_model.bin')
+    (d / 'open_clip_config.json').write_text(json.dumps(cfg))
+    with pytest.raises(clip_weights.CheckpointError, match=message):
+      clip_weights.load_clip(d)
+
+
+def test_convert_from_open_clip(tmp_path):
+  from otseg_jax import convert
+  sd, config = _open_clip_checkpoint()
+  (tmp_path / 'oc').mkdir()
+  torch.save(sd, tmp_path / 'oc' / 'open_clip_pytorch_model.bin')
+  (tmp_path / 'oc' / 'open_clip_config.json').write_text(json.dumps(config))
+  (tmp_path / 'oc' / 'vocab.json').write_text('{}')
+  (tmp_path / 'model.json').write_text(json.dumps({'image_size': 48}))
+  assert convert.main(['--from', 'open-clip', '--in', str(tmp_path / 'oc' /
+                                                          'open_clip_pytorch_model.bin'),
+                       '--out', str(tmp_path / 'clip'), '--config',
+                       str(tmp_path / 'model.json')]) == 0
+  assert (tmp_path / 'clip' / 'vocab.json').is_file()  # the tokenizer beside the weights
+  spec, towers = clip_weights.load_clip(tmp_path / 'clip', image_size=48)
+  want_spec, want = clip_weights.load_clip(tmp_path / 'oc', image_size=48)
+  assert spec == want_spec and spec.activation == 'gelu' and spec.vision_heads == 4
+  got, want = _flat(towers), _flat(want)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -114,3 +114,65 @@ def test_common_tables_cover_every_dataset():
   assert set(common.DATASETS) <= set(common.DATA)
   for name in common.DATA:
     assert common.data_config(name).name
+
+
+@pytest.mark.parametrize('module,crop,stride,short', [
+    (voc12, 518, 431, 518), (context59, 476, 79, 520), (cocostuff171, 518, 431, 518)])
+def test_vitl14_configs(module, crop, stride, short):
+  """SETTING:vitl14: CLIP ViT-L/14's tower, a crop on its 14-pixel grid, the stride scaled with it,
+  no rescale shorter than a crop; everything else as the paper's ViT-B/16 config."""
+  base, config = module.get_config('transductive'), module.get_config('transductive:vitl14')
+  b = config.model.backbone
+  assert (b.patch_size, b.width, b.layers, b.heads, b.output_dim, b.prompt_depth) == (
+      14, 1024, 24, 16, 768, 23)
+  assert config.clip == 'openai/clip-vit-large-patch14' and config.text_embeddings == ''
+  assert config.model.image_size == config.eval.crop_size == crop and crop % 14 == 0
+  assert config.eval.stride == stride
+  assert config.data.img_scale[1] == config.data.eval_img_scale[1] == short
+  assert config.data.eval_min_size >= crop
+  assert base.model.backbone.width == 768 and base.model.image_size in (480, 512)  # unchanged
+  changed = {k for k in config if config[k] != base[k]}
+  assert {'clip', 'model', 'eval'} <= changed <= {'clip', 'model', 'eval', 'data'}, changed
+  assert config.setting == 'transductive' and config.num_train_steps == base.num_train_steps
+  with pytest.raises(ValueError, match="Unknown backbone 'vitl16'.*vitb16, vitl14"):
+    module.get_config('inductive:vitl16')
+  assert module.get_config('inductive:vitb16').to_dict() == module.get_config().to_dict()
+
+
+def test_vitl14_cross_dataset_and_command_line():
+  config = cross_dataset.get_config('coco_to_voc:vitl14')
+  assert (config.eval.crop_size, config.eval.stride, config.model.image_size) == (518, 384, 518)
+  assert config.data.name == 'voc12' and config.data.eval_min_size == 518
+  assert config.model.backbone.num_prompt_tokens == 100  # still the source's model
+  assert cross_dataset.get_config('coco_to_voc').eval.crop_size == 512
+  config = _parse([f'--config={REPO}/configs/context59.py:inductive:vitl14',
+                   '--config.eval.stride=100'])
+  assert config.model.backbone.width == 1024 and config.eval.stride == 100
+  assert config.setting == 'inductive'
+
+
+def test_a_patch14_tower_trains_through_train_py(tmp_path):
+  """A tiny patch-14 tower (28 x 28 images: a 2 x 2 grid) through the real trainer, 2 steps."""
+  import json
+  import os
+  import subprocess
+  import sys
+  workdir = tmp_path / 'run'
+  proc = subprocess.run(
+      [sys.executable, str(REPO / 'train.py'), f'--config={REPO}/configs/tiny.py',
+       f'--workdir={workdir}', '--config.eval_every_steps=-1', '--config.num_train_steps=2',
+       '--config.checkpoint_every_steps=2', '--config.model.backbone.patch_size=14',
+       '--config.model.backbone.layers=1', '--config.model.head.decoder_layers=1',
+       '--config.model.image_size=28', '--config.data.synthetic.image_size=28',
+       '--config.eval.crop_size=28', '--config.eval.stride=28', '--config.model.ot.max_iterations=5'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=str(REPO)))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  losses = [r['train/total'] for r in rows if 'train/total' in r]
+  assert losses and all(0 < x < 1e4 for x in losses), losses
+  from flax import traverse_util
+  from otseg_jax import params as params_lib
+  flat = traverse_util.flatten_dict(params_lib.load_params_any(workdir))
+  assert flat[('backbone', 'conv1', 'kernel')].shape == (14, 14, 3, 32)
+  assert flat[('backbone', 'positional_embedding')].shape == (1 + 2 * 2, 32)

@@ -218,7 +218,7 @@ def test_config_json_other_than_a_model_config_is_refused(tmp_path):
   train_config = tmp_path / 'run_config.json'  # what a training workdir holds
   train_config.write_text(tiny.get_config().to_json())
   with pytest.raises(ValueError, match=r"run_config\.json: not a model config.*training run's "
-                     r"config\.json: pass --config voc\|context\|coco"):
+                     r"config\.json: pass --config NAME .*voc\|context\|coco"):
     convert.load_model_config(str(train_config))
   cases = {'{"image_size": 32, "backbone": {"widht": 64}}': 'backbone.widht is no field',
            '{"backbone": 3}': r'backbone \(a section, given a int\)',
@@ -262,3 +262,62 @@ def test_a_truncated_array_file_is_one_short_error_naming_it(tmp_path):
   message = str(e.value)
   assert str(path) in message and 'is not valid for value of size 50' in message
   assert '\n' not in message and 'tensorstore_spec' not in message and len(message) < 600, message
+
+
+def test_tools_never_import_a_method():
+  """The converter, parity, the trainer, evaluation, inference and predict reach a method only
+  through `config.model.name` (models.get_method): no import of a method module."""
+  import ast
+  allowed = {'clip', 'clip_weights', 'clip_export', 'ot_layers', 'prompt_learner'}
+  for name in ('convert', 'parity', 'trainer', 'evaluate', 'inference', 'predict'):
+    tree = ast.parse((REPO / 'otseg_jax' / f'{name}.py').read_text())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        imported |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        imported.add(node.module)
+        imported |= {f'{node.module}.{a.name}' for a in node.names}
+    methods = sorted(m for m in imported if m.startswith('otseg_jax.models.')
+                     and m.split('.')[2] not in allowed)
+    assert not methods, f'otseg_jax/{name}.py imports {methods}'
+    assert not any(m.split('.')[-1].startswith('otseg') and m != 'otseg_jax' for m in imported), (
+        name, sorted(imported))
+
+
+def test_a_method_without_the_mmseg_hook_is_refused_by_name(tmp_path):
+  from tests import linear_probe_method
+  config = linear_probe_method.get_config()
+  with pytest.raises(ValueError, match=r'tests\.linear_probe_method has no from_mmseg_state_dict'):
+    convert.params_from_state_dict({'backbone.proj': np.zeros((2, 2))}, config)
+  with pytest.raises(ValueError, match=r"No method 'nope'"):
+    convert.load_model_config('voc', method='nope')
+  path = tmp_path / 'probe.json'
+  path.write_text(config.to_json())  # its "name" picks the method
+  assert convert.load_model_config(str(path)).to_dict() == config.to_dict()
+  with pytest.raises(SystemExit):  # argparse: not a source
+    convert.main(['--from', 'mmsegg', '--in', 'x', '--out', str(tmp_path / 'o')])
+  with pytest.raises(ValueError, match=r'has no from_mmseg_state_dict'):
+    torch.save({'state_dict': {'backbone.proj': torch.zeros(2, 2)}}, tmp_path / 'x.pth')
+    convert.main(['--from', 'mmseg', '--in', str(tmp_path / 'x.pth'), '--out',
+                  str(tmp_path / 'o'), '--config', str(path)])
+  assert not (tmp_path / 'o').exists()
+
+
+def test_vitl14_training_config_is_a_converter_config(tmp_path):
+  """--config configs/voc12.py:inductive:vitl14: its model (518 crop, patch 14); a patch-14 CLIP
+  is converted onto its 37 x 37 grid."""
+  config = convert.load_model_config('configs/voc12.py:inductive:vitl14')
+  assert (config.image_size, config.backbone.patch_size, config.backbone.width) == (518, 14, 1024)
+  assert convert.load_model_config('configs/voc12.py').to_dict() == otseg.get_config().to_dict()
+  with pytest.raises(FileNotFoundError, match='nope.py: no such file'):
+    convert.load_model_config(str(tmp_path / 'nope.py'))
+  model = clip_testing.tiny_openai_clip(seed=2, image_size=28, patch_size=14)
+  torch.save(model.state_dict(), tmp_path / 'ViT-T-14.pt')
+  assert convert.main(['--from', 'openai-clip', '--in', str(tmp_path / 'ViT-T-14.pt'), '--out',
+                       str(tmp_path / 'clip'), '--config',
+                       str(REPO / 'configs/voc12.py') + ':inductive:vitl14']) == 0
+  params, metadata = checkpoint.load_params(tmp_path / 'clip')
+  assert params['backbone']['positional_embedding'].shape == (1 + 37 * 37, 128)
+  assert metadata['clip_spec']['image_size'] == [518, 518]
+  assert metadata['clip_spec']['patch_size'] == 14

@@ -16,6 +16,7 @@ from otseg_jax import losses
 from otseg_jax import params as params_lib
 from otseg_jax.models import ot_layers
 from otseg_jax.models import otseg
+from otseg_jax.models import otseg_mmseg
 
 
 # Halves XLA compile times, which dominate these tests.
@@ -92,7 +93,7 @@ def test_head_alone_matches_dump_exactly(otseg_small):
   sd = {k[len('decode_head.'):]: v for k, v in otseg_small.items()
         if k.startswith('decode_head.')}
   with jax.enable_x64(True):
-    params, _ = convert.head_params_from_state_dict(sd, config.head.decoder_layers)
+    params, _ = otseg_mmseg.head_params_from_state_dict(sd, config.head.decoder_layers)
     head = otseg.OTSegHead(config.backbone.output_dim, ml_collections.FrozenConfigDict(config.ot),
                            decoder_layers=config.head.decoder_layers)
     dense = jnp.asarray(np.moveaxis(otseg_small['out/backbone_visual_embedding'], 1, -1))

@@ -1,6 +1,6 @@
 """The models: CLIP towers (`clip`), the OT layers (`ot_layers`), and one module per method.
 
-A method module (`otseg` today) offers the same few things, with no base class:
+A method module (`otseg`, ...) offers the same few things, with no base class:
   get_config(arg)                         its model config (config.model), with
     .name                                 the method: 'otseg' -> otseg_jax.models.otseg, or a
                                           dotted module path ('tests.linear_probe_method')
@@ -18,6 +18,18 @@ A method module (`otseg` today) offers the same few things, with no base class:
   eval_probabilities(maps, seen, config)  (B, H, W, K) probabilities for the argmax
   pseudo_labels(maps, labels, seen, config)  transductive self-training targets
 The loss is named in the config (`config.loss.name`, a function of `otseg_jax.losses`).
+
+Optional hooks, looked up by name where a tool needs them (a method without one gets a clear
+error from that tool, nothing else changes):
+  from_mmseg_state_dict(state_dict, config)  (params, sorted unused tensor names) from the
+                                          authors' mmseg checkpoint (`python -m otseg_jax.convert
+                                          --from mmseg`); the converter checks the tree against
+                                          the model's own
+  config_from_reference(ref)              the model config of a reference dump's `config/json`
+                                          (`convert --config dump.json`, `otseg_jax.parity`)
+  mmseg_decoder_layer_rows(layer, with_output)  parity: (torch name, path, transform) rows of
+                                          one decoder layer, for tensors the model never creates
+OTSeg's live in `otseg_mmseg`, exposed by `otseg`.
 """
 
 import importlib

@@ -1,8 +1,10 @@
-"""CLIP weights (OpenAI .pt, HF directories / hub ids, converted directories) into the trees of `clip.py`.
+"""CLIP weights (OpenAI .pt, HF directories / hub ids, OpenCLIP files, converted directories) into
+the trees of `clip.py`.
 
 OpenAI state-dict names are the common currency: `visual_params_from_state_dict` and
-`text_params_from_state_dict` map them to our trees, and the HF path first renames HF tensors to
-OpenAI names, so every source goes through the same two functions and gives the same tree.
+`text_params_from_state_dict` map them to our trees, the HF path first renames HF tensors to
+OpenAI names, and OpenCLIP's are OpenAI's already (its JSON adds the heads and the activation), so
+every source goes through the same two functions and gives the same tree.
 
 Loading never executes code from the checkpoint: HF weights are read with safetensors; plain state
 dicts with `torch.load(weights_only=True)`; OpenAI's published TorchScript archives with a
@@ -34,8 +36,8 @@ from otseg_jax.models import clip
 from otseg_jax.models.clip import CLIPSpec
 
 __all__ = ['CLIPSpec', 'CheckpointError', 'check_backbone_config', 'clip_from_state_dict',
-           'load_clip', 'load_state_dict', 'looks_like_hub_id', 'positional_embedding_for',
-           'read_torchscript_archive', 'resize_positional_embedding', 'text_params_from_state_dict',
+           'load_clip', 'load_open_clip', 'load_state_dict', 'looks_like_hub_id',
+           'positional_embedding_for', 'read_torchscript_archive', 'resize_positional_embedding', 'text_params_from_state_dict',
            'visual_params_from_state_dict']
 
 Params = dict[str, Any]
@@ -816,6 +818,140 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
+# OpenCLIP files.
+
+OPEN_CLIP_CONFIG = 'open_clip_config.json'
+# The weights of an OpenCLIP hub repo (or `open_clip.create_model` + torch.save), first found wins.
+OPEN_CLIP_WEIGHTS = ('open_clip_model.safetensors', 'open_clip_pytorch_model.safetensors',
+                     'open_clip_pytorch_model.bin')
+# OpenAI's image mean / std: what the data pipeline normalises with.
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# vision_cfg / text_cfg fields naming towers this port does not have (value that is fine).
+_OPEN_CLIP_UNSUPPORTED = {
+    'vision_cfg': {'timm_model_name': None, 'attentional_pool': False, 'no_ln_pre': False,
+                   'final_ln_after_pool': False, 'global_average_pool': False,
+                   'pool_type': 'tok', 'ls_init_value': None, 'output_tokens': False,
+                   'act_kwargs': None, 'norm_kwargs': None, 'attn_pooler_queries': None},
+    'text_cfg': {'hf_model_name': None, 'embed_cls': False, 'pool_type': 'argmax',
+                 'proj_bias': False, 'no_causal_mask': False, 'ls_init_value': None,
+                 'act_kwargs': None, 'norm_kwargs': None, 'output_tokens': False},
+}
+
+
+def _open_clip_files(path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(weights file, open_clip_config.json) of an OpenCLIP directory or weights file."""
+  if path.is_dir():
+    weights = next((path / n for n in OPEN_CLIP_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+      raise FileNotFoundError(f'{path} has no OpenCLIP weights ({", ".join(OPEN_CLIP_WEIGHTS)}): '
+                              'download them with the model, e.g. huggingface-cli download '
+                              'laion/CLIP-ViT-B-16-laion2B-s34B-b88K.')
+    config = path / OPEN_CLIP_CONFIG
+  elif path.is_file():
+    weights, config = path, path.parent / OPEN_CLIP_CONFIG
+  else:
+    raise FileNotFoundError(f'{path}: no such OpenCLIP file or directory.')
+  if not config.is_file():
+    raise FileNotFoundError(
+        f'{weights}: an OpenCLIP checkpoint needs its {OPEN_CLIP_CONFIG} beside it (the heads, '
+        'the activation and the image size are not in the tensors). Download it from the '
+        "model's hub repo, or write {\"model_cfg\": open_clip.get_model_config(NAME)} there.")
+  return weights, config
+
+
+def _open_clip_model_cfg(data: Any, where: str) -> Mapping[str, Any]:
+  """`model_cfg` of an open_clip_config.json (or the bare model config), refusing towers this port
+  does not have."""
+  cfg = data.get('model_cfg', data) if isinstance(data, Mapping) else None
+  if not (isinstance(cfg, Mapping) and isinstance(cfg.get('vision_cfg'), Mapping)
+          and isinstance(cfg.get('text_cfg'), Mapping)):
+    raise CheckpointError(f'{where}: no model_cfg with vision_cfg and text_cfg; expected '
+                          "OpenCLIP's open_clip_config.json.")
+  problems = [f'{section}.{k}={cfg[section][k]!r}'
+              for section, fields in _OPEN_CLIP_UNSUPPORTED.items()
+              for k, fine in fields.items()
+              if cfg[section].get(k, fine) not in (fine, None, {})]
+  if problems:
+    raise CheckpointError(f'{where}: not an OpenAI-style CLIP ViT this port can run: '
+                          f'{", ".join(problems)}.')
+  return cfg
+
+
+def _open_clip_spec(cfg: Mapping[str, Any], sd: Mapping[str, np.ndarray], where: str) -> CLIPSpec:
+  """The spec of an OpenCLIP `model_cfg` and its (checked) OpenAI-named tensors: the heads and
+  the activation from the JSON (OpenCLIP's defaults where absent), every size from the tensors,
+  which the JSON's sizes must agree with."""
+  vc, tc = cfg['vision_cfg'], cfg['text_cfg']
+  sizes = {'vision_cfg.head_width': vc.get('head_width', 64), 'text_cfg.heads': tc.get('heads', 8)}
+  _require_positive_ints(sizes, list(sizes), where)
+  spec = _openai_spec(sd, None)
+  spec = dataclasses.replace(
+      spec, vision_heads=spec.vision_width // sizes['vision_cfg.head_width'],
+      text_heads=sizes['text_cfg.heads'],
+      # OpenCLIP: quick_gelu for OpenAI-trained weights (the *-quickgelu configs), else exact GELU.
+      activation='quick_gelu' if cfg.get('quick_gelu', False) else 'gelu')
+  json_size = vc.get('image_size')
+  if json_size is not None:
+    json_size = image_ops.as_pair(json_size if isinstance(json_size, int) else tuple(json_size))
+  facts = {
+      'embed_dim': (cfg.get('embed_dim'), spec.embed_dim),
+      'vision_cfg.width': (vc.get('width'), spec.vision_width),
+      'vision_cfg.layers': (vc.get('layers'), spec.vision_layers),
+      'vision_cfg.patch_size': (vc.get('patch_size'), spec.patch_size),
+      'vision_cfg.image_size': (json_size, spec.image_size),
+      'text_cfg.width': (tc.get('width'), spec.text_width),
+      'text_cfg.layers': (tc.get('layers'), spec.text_layers),
+      'text_cfg.context_length': (tc.get('context_length'), spec.context_length),
+      'text_cfg.vocab_size': (tc.get('vocab_size'), spec.vocab_size),
+  }
+  wrong = [f'{k}={a!r} but the tensors say {b!r}' for k, (a, b) in facts.items()
+           if a is not None and a != b]
+  if wrong:
+    raise CheckpointError(f'{where} does not describe these weights: ' + '; '.join(wrong)
+                          + '. Use the config of the same model.')
+  return spec
+
+
+def load_open_clip(path, image_size: int | Sequence[int] | None = None
+                   ) -> tuple[CLIPSpec, dict[str, Params]]:
+  """An OpenCLIP ViT checkpoint: a directory with `open_clip_pytorch_model.bin` (or
+  `open_clip_model.safetensors`) and `open_clip_config.json`, as on the HF hub, or the weights
+  file with the JSON beside it. OpenCLIP's names are OpenAI's, so the tensors go through
+  `clip_from_state_dict`; the JSON gives what no shape shows (heads, quick_gelu or GELU) and is
+  checked against the tensors. Returns (spec, towers) as `load_clip`."""
+  import warnings  # pylint: disable=g-import-not-at-top
+  weights, config_path = _open_clip_files(pathlib.Path(os.path.expanduser(str(path))))
+  data = _read_json(config_path)
+  cfg = _open_clip_model_cfg(data, str(config_path))
+  sd = load_state_dict(weights)
+  if sd and all(k.startswith('module.') for k in sd):  # a DDP training checkpoint
+    sd = {k[len('module.'):]: v for k, v in sd.items()}
+  sd = {k: v for k, v in sd.items() if k != 'attn_mask'}  # a buffer of older OpenCLIP versions
+  _, params = clip_from_state_dict(sd, image_size)  # checks every tensor's name and shape
+  spec = _open_clip_spec(cfg, sd, str(config_path))
+  pre = data.get('preprocess_cfg') if isinstance(data, Mapping) else None
+  for key, ours in (('mean', _OPENAI_MEAN), ('std', _OPENAI_STD)):
+    theirs = pre.get(key) if isinstance(pre, Mapping) else None
+    if theirs is not None and not np.allclose(theirs, ours, atol=1e-4):
+      warnings.warn(f'{config_path}: preprocess_cfg.{key}={theirs} differs from OpenAI\'s {ours}, '
+                    'which the data pipeline normalises with.', stacklevel=2)
+  if image_size is not None:
+    spec = dataclasses.replace(spec, image_size=image_ops.as_pair(image_size))
+  _check_spec(spec, params, str(weights))
+  return spec, params
+
+
+def _is_open_clip(path: pathlib.Path) -> bool:
+  """An OpenCLIP directory (its JSON and no HF config.json), or an OpenCLIP-named weights file
+  (which without its JSON is an error there, not silently read as OpenAI's)."""
+  if path.is_dir():
+    return (path / OPEN_CLIP_CONFIG).is_file() and not (path / 'config.json').is_file()
+  return path.is_file() and (path.name.startswith('open_clip')
+                             or (path.parent / OPEN_CLIP_CONFIG).is_file())
+
+
+# ----------------------------------------------------------------------------------------------
 # The entry point.
 
 
@@ -850,8 +986,9 @@ def load_clip(path_or_hub_id, image_size: int | Sequence[int] | None = None
   Args:
     path_or_hub_id: a `CLIPModel.save_pretrained` directory, a hub id such as
       'openai/clip-vit-base-patch16', an OpenAI CLIP file (the published TorchScript archive,
-      a torch.save'd state dict, or a .safetensors with OpenAI names), or a directory written by
-      `python -m otseg_jax.convert --from openai-clip|hf-clip`.
+      a torch.save'd state dict, or a .safetensors with OpenAI names), an OpenCLIP directory or
+      weights file with its open_clip_config.json (`load_open_clip`), or a directory written by
+      `python -m otseg_jax.convert --from openai-clip|hf-clip|open-clip`.
     image_size: int or (H, W) the vision tower is configured for; the positional grid is resized
       to image_size // patch at load time. None keeps the checkpoint's.
 
@@ -861,6 +998,8 @@ def load_clip(path_or_hub_id, image_size: int | Sequence[int] | None = None
   local_path = pathlib.Path(os.path.expanduser(str(path_or_hub_id)))
   if (local_path / 'params').is_dir() and (local_path / 'metadata.json').is_file():
     return _load_converted_dir(local_path, image_size)
+  if _is_open_clip(local_path):
+    return load_open_clip(local_path, image_size)
   local = local_path.exists()
   path = _resolve(path_or_hub_id, ['*.json', '*.safetensors', '*.txt'])
   if not local and not any((path / n).is_file()

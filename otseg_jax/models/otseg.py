@@ -12,7 +12,8 @@ Everything is channels-last. Letters in shapes and einsum strings:
 
 Module names mirror the authors' mmseg state dict (`backbone.*`, `decode_head.q_proj`,
 `decode_head.decoder_1.layers.{i}.multihead_attn.{q,k,v,proj}`, `norm2`, `norm3`, `linear1`,
-`linear2`) so that `otseg_jax.convert` is a rename plus transpose.
+`linear2`) so that converting them (`otseg_mmseg`, through `from_mmseg_state_dict`) is a rename
+plus transpose.
 
 The OT layers (transport map, Sinkhorn attention, decoder layer, layer-map combination) live in
 `ot_layers`, shared with the variants (ZegOT, MVP-SEG, LDVC), which write their own method module
@@ -32,6 +33,7 @@ from otseg_jax import image_ops
 from otseg_jax import ot
 from otseg_jax.models import clip
 from otseg_jax.models import ot_layers
+from otseg_jax.models import otseg_mmseg
 
 Dtype = Any
 
@@ -220,6 +222,26 @@ def pseudo_labels(maps: Mapping[str, jax.Array], labels: jax.Array, seen: np.nda
   pseudo = jnp.argmax(probs, axis=-1).astype(jnp.int32)
   is_unseen_px = jnp.isin(labels, jnp.asarray(np.flatnonzero(~seen).astype(np.int32)))
   return jnp.where(is_unseen_px, pseudo, labels.astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional hooks of the method seam (otseg_jax/models/__init__.py): the authors' mmseg
+# checkpoints and reference dumps, for `convert --from mmseg` and `parity` (otseg_mmseg).
+
+
+def from_mmseg_state_dict(state_dict: Mapping[str, np.ndarray],
+                          config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
+  """(params {'backbone', 'decode_head'}, sorted unused names) of an mmseg state dict."""
+  return otseg_mmseg.params_from_state_dict(state_dict, config)
+
+
+def config_from_reference(ref: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The model config of a reference dump's `config/json` (../shared/reference)."""
+  return otseg_mmseg.config_from_reference(ref, get_config())
+
+
+# parity: the last decoder layer's tensors, which the model never creates.
+mmseg_decoder_layer_rows = otseg_mmseg.decoder_layer_rows
 
 
 # ---------------------------------------------------------------------------------------------
