@@ -1,13 +1,17 @@
 r"""Compares the methods on the synthetic zero-shot dataset: same steps, several seeds.
 
-  python benchmarks/compare_methods.py --out benchmarks/compare_methods   # 1500 steps, 3 seeds
+  python benchmarks/compare_methods.py --out benchmarks/results/compare_methods  # 1000 steps, 3 seeds
   python benchmarks/compare_methods.py --steps 20 --seeds 0 --config configs/tiny.py  # smoke test
+
+  python benchmarks/compare_methods.py --merge a/results.json b/results.json --out OUT  # one table
 
 Every config of --config (default: each method's synthetic config, `CONFIGS`) is trained with the
 real `train_and_evaluate` for --steps steps per seed, then evaluated on the synthetic validation
 split. Writes OUT/results.json (every run), OUT/table.md (seen / unseen / hIoU as mean +- spread
 over the seeds, where spread is half the max - min range, and the train time) and OUT/hiou.png.
-A new method adds its row by adding its synthetic config to `CONFIGS`.
+`--merge` rebuilds the table and the chart from earlier results files (runs of one method measured
+at different times), each row with its own step count. A new method adds its row by adding its
+synthetic config to `CONFIGS`.
 """
 
 import argparse
@@ -49,7 +53,7 @@ def run(spec: str, steps: int, seed: int) -> dict:
     start = time.time()
     results = trainer.train_and_evaluate(config, workdir)
     seconds = time.time() - start - results['seconds']  # the final evaluation is not training
-  return {**{k: results[k] for k in KEYS}, 'train_seconds': seconds}
+  return {**{k: results[k] for k in KEYS}, 'train_seconds': seconds, 'seed': seed}
 
 
 def mean_spread(values) -> tuple[float, float]:
@@ -57,15 +61,28 @@ def mean_spread(values) -> tuple[float, float]:
   return float(np.nanmean(values)), float((np.nanmax(values) - np.nanmin(values)) / 2)
 
 
-def table(rows: dict[str, list[dict]], steps: int) -> str:
-  lines = [f'{steps} steps per run, {len(next(iter(rows.values())))} seeds (mean +- half range).',
-           '', '| method | seen mIoU | unseen mIoU | hIoU | train time (s) |',
-           '|---|---:|---:|---:|---:|']
+def table(rows: dict[str, list[dict]], steps: dict[str, int]) -> str:
+  """Markdown table of rows {label: runs}; steps {label: training steps of its runs}."""
+  lines = ['Mean +- half range over the seeds.', '',
+           '| method | steps | seeds | seen mIoU | unseen mIoU | hIoU | train time (s) |',
+           '|---|---:|---:|---:|---:|---:|---:|']
   for label, runs in rows.items():
-    cells = ['{:.2f} +- {:.2f}'.format(*mean_spread([r[k] for r in runs])) for k in KEYS]
+    cells = [str(steps[label]), str(len(runs))]
+    cells += ['{:.2f} +- {:.2f}'.format(*mean_spread([r[k] for r in runs])) for k in KEYS]
     cells.append('{:.0f} +- {:.0f}'.format(*mean_spread([r['train_seconds'] for r in runs])))
     lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
+
+
+def load_results(paths) -> tuple[dict[str, list[dict]], dict[str, int]]:
+  """(rows, steps by label) from results.json files; a later file's label replaces an earlier."""
+  rows, steps = {}, {}
+  for path in paths:
+    results = json.loads(pathlib.Path(path).read_text())
+    for label, runs in results['runs'].items():
+      rows[label] = runs
+      steps[label] = results.get('steps_by_label', {}).get(label, results['steps'])
+  return rows, steps
 
 
 def bar_chart(rows: dict[str, list[dict]], path: pathlib.Path) -> None:
@@ -92,22 +109,29 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--config', action='append', default=None,
                       help='LABEL=file.py[:arg], repeatable (default: CONFIGS).')
-  parser.add_argument('--steps', type=int, default=1500)
+  parser.add_argument('--steps', type=int, default=1000)
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'compare_methods'))
+  parser.add_argument('--merge', nargs='+', default=None, metavar='RESULTS_JSON',
+                      help='Rebuild OUT from these results files instead of training.')
   args = parser.parse_args(argv)
-  configs = dict(c.split('=', 1) if '=' in c else (c, c) for c in args.config) \
-      if args.config else CONFIGS
-  seeds = [int(s) for s in args.seeds.split(',')]
-  devices.quiet_library_logs()
-  rows = {label: [run(spec, args.steps, seed) for seed in seeds]
-          for label, spec in configs.items()}
+  if args.merge:
+    rows, steps = load_results(args.merge)
+  else:
+    configs = dict(c.split('=', 1) if '=' in c else (c, c) for c in args.config) \
+        if args.config else CONFIGS
+    seeds = [int(s) for s in args.seeds.split(',')]
+    devices.quiet_library_logs()
+    rows = {label: [run(spec, args.steps, seed) for seed in seeds]
+            for label, spec in configs.items()}
+    steps = {label: args.steps for label in rows}
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  reports.write_json(out / 'results.json', {'steps': args.steps, 'seeds': seeds, 'runs': rows})
-  (out / 'table.md').write_text(table(rows, args.steps))
+  reports.write_json(out / 'results.json', {'steps': max(steps.values()), 'steps_by_label': steps,
+                                            'runs': rows})
+  (out / 'table.md').write_text(table(rows, steps))
   bar_chart(rows, out / 'hiou.png')
-  print(table(rows, args.steps))
+  print(table(rows, steps))
   return 0
 
 

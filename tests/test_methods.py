@@ -169,3 +169,21 @@ def test_a_second_method_trains_evaluates_and_predicts(tmp_path, tiny_clip):
         '--short_side', '32', '--out', str(tmp_path / 'pred')])
   mask = np.asarray(Image.open(tmp_path / 'pred' / 'a_mask.png'))
   assert mask.shape == (40, 30) and mask.max() < 3
+
+
+def test_compare_methods_merges_results_files_into_one_table(tmp_path):
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import compare_methods  # pylint: disable=g-import-not-at-top
+  run = lambda h, s: {'seen_mIoU': 80.0 + s, 'unseen_mIoU': 60.0, 'hIoU': h, 'train_seconds': 10.0}
+  (tmp_path / 'a.json').write_text(json.dumps(
+      {'steps': 1000, 'runs': {'OTSeg': [run(70.0, 0), run(72.0, 2)]}}))
+  (tmp_path / 'b.json').write_text(json.dumps(
+      {'steps': 500, 'runs': {'Other': [run(40.0, 0)]}}))
+  compare_methods.main(['--merge', str(tmp_path / 'a.json'), str(tmp_path / 'b.json'),
+                        '--out', str(tmp_path / 'out')])
+  lines = (tmp_path / 'out' / 'table.md').read_text().splitlines()
+  assert '| OTSeg | 1000 | 2 | 81.00 +- 1.00 | 60.00 +- 0.00 | 71.00 +- 1.00 | 10 +- 0 |' in lines
+  assert '| Other | 500 | 1 | 80.00 +- 0.00 | 60.00 +- 0.00 | 40.00 +- 0.00 | 10 +- 0 |' in lines
+  merged = json.loads((tmp_path / 'out' / 'results.json').read_text())
+  assert merged['steps_by_label'] == {'OTSeg': 1000, 'Other': 500}
+  assert (tmp_path / 'out' / 'hiou.png').stat().st_size > 0
