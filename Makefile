@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) train.py --config configs/synthetic.py --workdir demo_output
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
