@@ -86,7 +86,8 @@ def get_config(arg=None):
     _fit_tiny_clip(config.model, synthetic_clip.PretrainConfig(
         image_size=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
         text_layers=1, text_heads=2, embed_dim=32), prompt_length=4)
-    config.model.backbone.update(num_prompt_tokens=2, prompt_depth=1)
+    # One block: no deeper block for deep prompts, the shallow ones only.
+    config.model.backbone.update(num_prompt_tokens=2, prompt_depth=0)
     config.batch_size = 8
     config.num_train_steps = 4
     config.optimizer.lr = 1e-4
