@@ -122,3 +122,56 @@ def map_losses(maps: Mapping[str, jax.Array], labels: jax.Array,
   losses['num_masks'] = terms['num_masks']
   losses['total'] = sum(v for name, v in losses.items() if '.loss_' in name)
   return losses
+
+
+def mvpseg_loss(maps: Mapping[str, jax.Array], labels: jax.Array, *, ce_weight: float = 1.0,
+                cls_weight: float = 1.0, oc_weight: float = 1.0,
+                axis_name: str | None = None) -> dict[str, jax.Array]:
+  """MVP-SEG's loss: l1 CE(m, y) + l2 multi-label BCE(g) + l3 OCLoss (`models.mvpseg`).
+
+  - ce: cross entropy of the refined mask m = m_f * g renormalised over the K classes, i.e.
+    log_softmax(fused + log sigmoid(gate)), averaged over the labelled pixels (255 ignored).
+  - cls: binary cross entropy of the gate g[b, k] = sigmoid(gate[b, k]) against "class k is
+    present in image b" (some pixel of labels[b] equals k), averaged over (b, k). The K channels
+    are the training classes: in inductive training the seen ones only (unseen pixels arrive as
+    255 and count for no class); in transductive training every class, unseen ones by their
+    pseudo-labels.
+  - oc: the orthogonality term, the same for every example, `maps['ocloss']` (B,).
+
+  With `axis_name` (a mapped device axis) the counts are summed over it and each device returns
+  its share, so that summing over devices gives the global-batch loss (as `segmentation_loss`).
+
+  Args:
+    maps: 'fused' (B, H, W, K) logits, 'gate' (B, K) logits, 'ocloss' (B,).
+    labels: (B, H, W) int in [0, K) or 255.
+    ce_weight, cls_weight, oc_weight: l1, l2, l3.
+    axis_name: mapped device axis or None.
+
+  Returns:
+    dict with 'ce', 'cls', 'oc' (weighted), 'total', and 'num_masks' (the global count of
+    present (b, k) pairs, at least 1).
+  """
+  fused = jnp.asarray(maps['fused'])
+  dtype = jnp.promote_types(fused.dtype, jnp.float32)
+  fused, gate = fused.astype(dtype), jnp.asarray(maps['gate']).astype(dtype)
+  k = fused.shape[-1]
+  psum = (lambda x: x) if axis_name is None else (lambda x: jax.lax.psum(x, axis_name))
+
+  log_refined = jax.nn.log_softmax(fused + jax.nn.log_sigmoid(gate)[:, None, None, :], axis=-1)
+  valid = (labels >= 0) & (labels < k)
+  picked = jnp.take_along_axis(log_refined, jnp.where(valid, labels, 0)[..., None], axis=-1)
+  pixels = jnp.maximum(psum(jnp.sum(valid).astype(dtype)), 1.0)
+  ce = -jnp.sum(jnp.where(valid, picked[..., 0], 0.0)) / pixels
+
+  present = jnp.any(jax.nn.one_hot(labels, k) > 0, axis=(1, 2))  # (B, K); 255 -> none
+  bce = -jnp.where(present, jax.nn.log_sigmoid(gate), jax.nn.log_sigmoid(-gate))
+  pairs = psum(jnp.asarray(gate.size, dtype))
+  cls = jnp.sum(bce) / pairs
+
+  ocloss = jnp.asarray(maps['ocloss']).astype(dtype)
+  oc = jnp.sum(ocloss) / psum(jnp.asarray(ocloss.shape[0], dtype))
+
+  terms = dict(ce=ce_weight * ce, cls=cls_weight * cls, oc=oc_weight * oc)
+  terms['total'] = terms['ce'] + terms['cls'] + terms['oc']
+  terms['num_masks'] = jnp.maximum(psum(jnp.sum(present).astype(dtype)), 1.0)
+  return terms
