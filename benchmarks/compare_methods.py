@@ -36,24 +36,36 @@ from otseg_jax import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 CONFIGS = {
     'OTSeg': 'configs/synthetic.py',
     'MVP-SEG': 'configs/mvpseg.py:synthetic',
+    'MVP-SEG+': 'configs/mvpseg.py:synthetic>configs/mvpseg.py:synthetic:plus@500',
 }
 
 KEYS = ('seen_mIoU', 'unseen_mIoU', 'hIoU')
 
 
 def run(spec: str, steps: int, seed: int) -> dict:
-  """Trains and evaluates one (config, seed); returns the scores and the train time."""
-  config = bench_train.load_config(spec)
-  config.seed = seed
-  config.num_train_steps = steps
-  config.checkpoint_every_steps = steps
-  config.log_every_steps = max(1, min(config.log_every_steps, steps))
-  config.eval_every_steps = 0
-  config.tensorboard = False
-  with tempfile.TemporaryDirectory() as workdir:
-    start = time.time()
-    results = trainer.train_and_evaluate(config, workdir)
-    seconds = time.time() - start - results['seconds']  # the final evaluation is not training
+  """Trains and evaluates one (config, seed); returns the scores and the train time.
+
+  `spec` is a config (file.py[:arg]), or stages `first>second@STEPS>...`: each later stage starts
+  from the previous stage's checkpoint (`init_from`, e.g. transductive self-training after an
+  inductive run) and trains STEPS steps; the scores are the last stage's, the time all stages'.
+  """
+  first, *later = spec.split('>')
+  stages = [(first, steps)] + [(s.rsplit('@', 1)[0], int(s.rsplit('@', 1)[1])) for s in later]
+  seconds = 0.0
+  with tempfile.TemporaryDirectory() as root:
+    for i, (config_spec, stage_steps) in enumerate(stages):
+      config = bench_train.load_config(config_spec)
+      config.seed = seed
+      config.num_train_steps = stage_steps
+      config.checkpoint_every_steps = stage_steps
+      config.log_every_steps = max(1, min(config.log_every_steps, stage_steps))
+      config.eval_every_steps = 0
+      config.tensorboard = False
+      if i:
+        config.init_from = f'{root}/{i - 1}'
+      start = time.time()
+      results = trainer.train_and_evaluate(config, f'{root}/{i}')
+      seconds += time.time() - start - results['seconds']  # the final evaluation is not training
   return {**{k: results[k] for k in KEYS}, 'train_seconds': seconds, 'seed': seed}
 
 
