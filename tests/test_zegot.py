@@ -3,6 +3,7 @@ tower, the per-layer MPS maps and their geometric-mean fusion, every option's sh
 finite-difference check of the learned-prompt path, and train.py / eval.py / predict on the tiny
 config with both CLIP towers untouched."""
 
+import functools
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ import sys
 import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -56,31 +58,46 @@ def tiny_params():
       images, tokens)['params']
 
 
-def _forward(config, params, tokens, images, train=False):
-  model = zegot.model_from_config(config)
+@functools.lru_cache
+def _jitted_forward(config_json):
+  # One compilation per model config, shared by the tests.
+  model = zegot.model_from_config(ml_collections.ConfigDict(json.loads(config_json)))
 
   @jax.jit
   def run(params, tokens, images):
-    text = model.apply({'params': params}, tokens, train=train, method='encode_text')
-    return model.apply({'params': params}, images, text, train=train,
-                       rngs={'dropout': jax.random.PRNGKey(1)})
-  return run(params, tokens, images)
+    text = model.apply({'params': params}, tokens, train=False, method='encode_text')
+    return model.apply({'params': params}, images, text, train=False)
+  return run
+
+
+def _forward(config, params, tokens, images):
+  return _jitted_forward(config.to_json())(params, tokens, images)
+
+
+@functools.lru_cache
+def _jitted_transport_map(ot_config):
+  return jax.jit(lambda p, q: ot_layers.transport_map(p, q, ot_config)[1])
+
+
+def _transport_score(pixels, prompts, ot_config):
+  """transport_map's score alone, one compilation per setting."""
+  return _jitted_transport_map(ml_collections.FrozenConfigDict(ot_config))(pixels, prompts)
 
 
 # ---------------------------------------------------------------------------------------------
 # The frozen tower's projected hidden layers (clip.VisionTransformer.project_hidden).
 
 
-@pytest.mark.parametrize('prompts', [0, 2])
-def test_project_hidden_is_ln_post_and_proj_of_the_raw_hidden_layers(prompts):
+def test_project_hidden_is_ln_post_and_proj_of_the_raw_hidden_layers():
+  prompts = 2  # prompt tokens in block 1 only: the layers' token counts differ
   kw = dict(patch_size=8, width=16, layers=3, heads=2, output_dim=8, image_size=24,
             num_prompt_tokens=prompts, prompt_depth=1 if prompts else 0, hidden_layers=(0, 2))
   raw_tower = clip.VisionTransformer(**kw)
   tower = clip.VisionTransformer(**kw, project_hidden=True)
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 24, 24, 3)), jnp.float32)
   params = raw_tower.init(jax.random.PRNGKey(0), images)['params']
-  assert jax.tree.structure(tower.init(jax.random.PRNGKey(0), images)['params']) == \
-      jax.tree.structure(params)
+  assert jax.tree.structure(jax.eval_shape(tower.init, jax.random.PRNGKey(0), images)
+                            ['params']) == jax.tree.structure(params)
   g0, d0, raw = jax.jit(raw_tower.apply)({'params': params}, images)
   g1, d1, projected = jax.jit(tower.apply)({'params': params}, images)
   # The flag changes nothing else.
@@ -127,15 +144,15 @@ def test_multi_layer_path_with_one_layer_is_the_single_layer_computation(tiny_pa
   q = ot_layers.l2_normalize(aux2['q_proj'])
   b, h, w = 2, 4, 4
   for j in range(2):  # each layer's map is transport_map on that layer alone
-    _, alone, _ = ot_layers.transport_map(aux2['pixels'][j].reshape(b, h * w, -1), q, both.ot)
+    alone = _transport_score(aux2['pixels'][j].reshape(b, h * w, -1), q, both.ot)
     np.testing.assert_allclose(aux2['layer_scores'][j], alone.reshape(b, h, w, K), rtol=1e-5,
                                atol=1e-5)
   # feature_layers = (1,): the same parameters, the fused map is layer 1's map.
   maps1, aux1 = _forward(_tiny_model_config(feature_layers=(1,)), tiny_params, tokens, images)
   np.testing.assert_allclose(aux1['score_lowres'], aux2['layer_scores'][1], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(maps1['decoder'], maps2['decoder'], rtol=1e-5, atol=1e-5)
-  _, single, _ = ot_layers.transport_map(aux1['pixels'][0].reshape(b, h * w, -1),
-                                         ot_layers.l2_normalize(aux1['q_proj']), both.ot)
+  single = _transport_score(aux1['pixels'][0].reshape(b, h * w, -1),
+                            ot_layers.l2_normalize(aux1['q_proj']), both.ot)
   np.testing.assert_allclose(aux1['score_lowres'], single.reshape(b, h, w, K), rtol=1e-5,
                              atol=1e-5)
   fused = zegot.fuse_layer_scores(aux2['layer_scores'])
@@ -143,10 +160,10 @@ def test_multi_layer_path_with_one_layer_is_the_single_layer_computation(tiny_pa
 
 
 @pytest.mark.parametrize('overrides', [
-    dict(),  # softmax decoder, two layers fused
+    dict(),  # softmax decoder, two layers fused; gradients too
     {'head.attention': 'mpsa', 'feature_layers': (1,), 'ot.implementation': 'reference'},
 ], ids=['softmax', 'mpsa-shallow-reference'])
-def test_every_option_gives_finite_maps_and_gradients(tiny_params, overrides):
+def test_every_option_gives_finite_maps(tiny_params, overrides):
   config = _tiny_model_config()
   for key, value in overrides.items():
     *parents, leaf = key.split('.')
@@ -165,7 +182,15 @@ def test_every_option_gives_finite_maps_and_gradients(tiny_params, overrides):
                             rngs={'dropout': jax.random.PRNGKey(1)})
     return losses.otseg_loss(maps, labels)['total'], (maps, aux)
 
-  (loss, (maps, aux)), grads = jax.value_and_grad(loss_and_maps, has_aux=True)(tiny_params)
+  if overrides:
+    loss, (maps, aux) = loss_and_maps(tiny_params)
+  else:
+    (loss, (maps, aux)), grads = jax.value_and_grad(loss_and_maps, has_aux=True)(tiny_params)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+    # The gradient reaches the context vectors, and it goes through the (frozen) text tower.
+    grads = grads['prompt_learner']
+    assert np.abs(grads['context']).max() > 0
+    assert np.abs(grads['text']['transformer']['resblocks_0']['mlp']['c_fc']['kernel']).max() > 0
   assert set(maps) == {'decoder', 'score'}
   for v in maps.values():
     assert v.shape == (2, 32, 32, K) and np.isfinite(v).all()
@@ -173,7 +198,6 @@ def test_every_option_gives_finite_maps_and_gradients(tiny_params, overrides):
   assert aux['layer_scores'].shape == (layers, 2, 4, 4, K)
   assert 'mps' in aux['sinkhorn_iterations_by_path']
   assert np.isfinite(loss)
-  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   probs = zegot.eval_probabilities(maps, np.array([True, False, True]),
                                    zegot_configs.get_config('tiny').model)
   assert probs.shape == (2, 32, 32, K) and np.isfinite(probs).all()
@@ -194,18 +218,16 @@ def test_the_ot_settings_apply(tiny_params):
 # Gradients of the learned prompts, float64 finite differences.
 
 
-def test_learned_prompt_gradient_matches_finite_differences():
+def test_learned_prompt_gradient_matches_finite_differences(tiny_params):
   with jax.enable_x64(True):
-    config = _tiny_model_config(num_prompts=2)
-    config.head.dropout = 0.0
+    config = _tiny_model_config()
     # Converged Sinkhorn (a fixed count would be min == max, wrong with ott-jax 0.6), so that
     # the stopping test does not move under the perturbation.
-    config.ot.update(threshold=1e-11, max_iterations=400)
+    config.ot.update(threshold=1e-10, max_iterations=200)
     model = zegot.model_from_config(config, dtype=jnp.float64)
     tokens, images = _inputs(batch=1, size=16)
     images = images.astype(jnp.float64)
-    params = models.init(model, {'params': jax.random.PRNGKey(0)}, images, tokens)['params']
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tiny_params)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 1, 16, 16, K)))
 
     def loss(context):
@@ -257,23 +279,6 @@ def test_zegot_trains_with_frozen_clip_evaluates_and_predicts(tmp_path, tiny_syn
       np.testing.assert_array_equal(trained[f'{sub}/{name}'], value, err_msg=f'{sub}/{name}')
   assert {k for k in trained if not k.startswith(('backbone/', 'prompt_learner/text/',
                                                   'decode_head/'))} == {'prompt_learner/context'}
-
-  # The gradient reaches the context vectors, through the frozen text tower.
-  model_config = zegot_configs.get_config('tiny').model
-  model = zegot.model_from_config(model_config)
-  params = params_lib.unflat(trained)
-  tokens = jnp.asarray([[611, 343, 343, 343, 343, 601, 577, 606, 269, EOT]] * 2, jnp.int32)
-  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-  labels = jnp.asarray(np.random.default_rng(1).integers(0, 2, (2, 32, 32)), jnp.int32)
-
-  def loss(params):
-    text = model.apply({'params': params}, tokens, train=False, method='encode_text')
-    maps, _ = model.apply({'params': params}, images, text, train=False)
-    return losses.otseg_loss(maps, labels)['total']
-
-  grads = jax.jit(jax.grad(loss))(params)['prompt_learner']
-  assert np.abs(grads['context']).max() > 0 and np.isfinite(grads['context']).all()
-  assert np.abs(grads['text']['token_embedding']['embedding']).max() > 0  # the path: the tower
 
   # eval.py reproduces the run's evaluation; predict computes the learned text for any names.
   _run(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}'])
