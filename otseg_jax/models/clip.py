@@ -452,7 +452,8 @@ class VisionTransformer(nn.Module):
     # appended along the token axis (both act per token), so each module is called once.
     projected = sorted(hidden) if self.project_hidden else []
     lengths = [x.shape[1]] + [hidden[i].shape[1] for i in projected]
-    x = jnp.concatenate([x] + [hidden[i] for i in projected], axis=1)
+    if projected:
+      x = jnp.concatenate([x] + [hidden[i] for i in projected], axis=1)
     if t > 0:
       # Quirk kept: prompt_norm (eps 1e-6) and then ln_post, two LayerNorms in a row.
       x = layer_norm(x, 'prompt_norm', epsilon=1e-6, **kw)
