@@ -160,7 +160,7 @@ def test_multi_layer_path_with_one_layer_is_the_single_layer_computation(tiny_pa
 
 
 @pytest.mark.parametrize('overrides', [
-    dict(),  # softmax decoder, two layers fused; gradients too
+    dict(),  # softmax decoder, two layers fused
     {'head.attention': 'mpsa', 'feature_layers': (1,), 'ot.implementation': 'reference'},
 ], ids=['softmax', 'mpsa-shallow-reference'])
 def test_every_option_gives_finite_maps(tiny_params, overrides):
@@ -182,15 +182,8 @@ def test_every_option_gives_finite_maps(tiny_params, overrides):
                             rngs={'dropout': jax.random.PRNGKey(1)})
     return losses.otseg_loss(maps, labels)['total'], (maps, aux)
 
-  if overrides:
-    loss, (maps, aux) = loss_and_maps(tiny_params)
-  else:
-    (loss, (maps, aux)), grads = jax.value_and_grad(loss_and_maps, has_aux=True)(tiny_params)
-    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-    # The gradient reaches the context vectors, and it goes through the (frozen) text tower.
-    grads = grads['prompt_learner']
-    assert np.abs(grads['context']).max() > 0
-    assert np.abs(grads['text']['transformer']['resblocks_0']['mlp']['c_fc']['kernel']).max() > 0
+  # (Finite gradients: the training run below stops on any non-finite one.)
+  loss, (maps, aux) = loss_and_maps(tiny_params)
   assert set(maps) == {'decoder', 'score'}
   for v in maps.values():
     assert v.shape == (2, 32, 32, K) and np.isfinite(v).all()
@@ -238,6 +231,9 @@ def test_learned_prompt_gradient_matches_finite_differences(tiny_params):
 
     context = params['prompt_learner']['context']
     assert context.dtype == jnp.float64
+    # The context enters only through the text tower (CoOpText): a gradient there has gone
+    # through the frozen tower.
+    assert np.abs(jax.jit(jax.grad(loss))(context)).max() > 1e-6
     check_grads(jax.jit(loss), (context,), order=1, modes=['rev'], eps=1e-6, atol=1e-6,
                 rtol=1e-5)
 
