@@ -35,6 +35,7 @@ from otseg_jax import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 # Method label -> its config on the synthetic set (file[:arg]).
 CONFIGS = {
     'OTSeg': 'configs/synthetic.py',
+    'ZegOT': 'configs/zegot.py:synthetic',
     'MVP-SEG': 'configs/mvpseg.py:synthetic',
     'MVP-SEG+': 'configs/mvpseg.py:synthetic>configs/mvpseg.py:synthetic:plus@500',
 }

@@ -25,6 +25,7 @@ recompute the rest).
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -346,6 +347,9 @@ class VisionTransformer(nn.Module):
     double_class_embedding: the authors' VPT backbone adds class_embedding to the CLS positional
       row as well, so token 0 carries it twice (README behaviour 1).
     hidden_layers: block indices whose outputs `__call__` also returns.
+    project_hidden: False (default): those outputs as the blocks give them, (B, L_i, D); True:
+      through the same (`prompt_norm` and) `ln_post` and `@ proj` as the final tokens, (B, L_i, C)
+      (the frozen head applied to hidden layers, for methods that read several layers' pixels).
     attention_query_chunk: queries per block of `chunked_attention` (0: dense attention).
     attention: the implementation of attention (module docstring).
     remat: rematerialisation of the blocks in the backward pass (module docstring).
@@ -363,6 +367,7 @@ class VisionTransformer(nn.Module):
   prompt_dropout: float = 0.0
   double_class_embedding: bool = False
   hidden_layers: tuple[int, ...] = ()
+  project_hidden: bool = False
   attention_query_chunk: int = 0
   attention: str = 'chunked'
   remat: str = 'none'
@@ -389,8 +394,9 @@ class VisionTransformer(nn.Module):
 
     Returns:
       global_embedding (B, C): the CLS token; dense_embedding (B, h, w, C): the patch tokens;
-      hidden {i: (B, L_i, D)}: outputs of the blocks in `hidden_layers`. Embeddings are after
-      (`prompt_norm` and) `ln_post` and `@ proj`, NOT L2-normalised.
+      hidden {i: (B, L_i, D)}: outputs of the blocks in `hidden_layers` ((B, L_i, C) with
+      `project_hidden`). Embeddings are after (`prompt_norm` and) `ln_post` and `@ proj`, NOT
+      L2-normalised.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'VisionTransformer expects NHWC images (B, H, W, 3), got shape '
@@ -442,12 +448,21 @@ class VisionTransformer(nn.Module):
                             self.remat, self.mlp_dim, self.activation, name='transformer', **kw)(
         x, deep_prompts=deep, hidden_layers=self.hidden_layers)
 
+    # With project_hidden the hidden layers' tokens go through the same norms and projection:
+    # appended along the token axis (both act per token), so each module is called once.
+    projected = sorted(hidden) if self.project_hidden else []
+    lengths = [x.shape[1]] + [hidden[i].shape[1] for i in projected]
+    if projected:
+      x = jnp.concatenate([x] + [hidden[i] for i in projected], axis=1)
     if t > 0:
       # Quirk kept: prompt_norm (eps 1e-6) and then ln_post, two LayerNorms in a row.
       x = layer_norm(x, 'prompt_norm', epsilon=1e-6, **kw)
     x = layer_norm(x, 'ln_post', **kw)
     proj = self.param('proj', nn.initializers.normal(scale), (d, self.output_dim), self.param_dtype)
     x = x @ proj.astype(self.dtype)
+    if projected:
+      x, *parts = jnp.split(x, list(itertools.accumulate(lengths[:-1])), axis=1)
+      hidden = dict(zip(projected, parts))
     return x[:, 0], x[:, -h * w:].reshape(b, h, w, self.output_dim), hidden
 
 
