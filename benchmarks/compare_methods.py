@@ -31,6 +31,7 @@ from otseg_jax import trainer  # noqa: E402  pylint: disable=g-import-not-at-top
 # Method label -> its config on the synthetic set (file[:arg]).
 CONFIGS = {
     'OTSeg': 'configs/synthetic.py',
+    'LDVC': 'configs/ldvc.py:synthetic',
 }
 
 KEYS = ('seen_mIoU', 'unseen_mIoU', 'hIoU')
