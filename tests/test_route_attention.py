@@ -84,7 +84,7 @@ def test_one_window_per_image_with_k1_is_attention_inside_it():
     np.testing.assert_allclose(out, _full_attention(params, x), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize('grid,topk', [((8, 8), 1), ((8, 8), 3), ((7, 6), 2)])
+@pytest.mark.parametrize('grid,topk', [((8, 8), 3), ((7, 6), 2)])
 def test_routed_attention_matches_the_written_out_reference(grid, topk):
   with jax.enable_x64(True):
     x = np.random.default_rng(3).normal(size=(2, *grid, C))
