@@ -77,6 +77,7 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
       mlp_ratio=4,  # FFN width / C, ours (L)
       dropout=0.1,  # on the attention and FFN outputs, ours (L; OTSeg's head dropout)
       logit_scale=1 / 0.07,  # tau of the cosine mask logits, fixed, ours (L: CLIP's initial)
+      final_norm=True,  # LN on the decoder's output before the cosine, ours (L)
   ))
   config.dtype = 'float32'
   # Eval: sigmoid(logits) minus `calibration` on the seen channels (OTSeg's, L); the train
@@ -292,6 +293,7 @@ class LDVCHead(nn.Module):
   mlp_ratio: int = 4
   dropout: float = 0.0
   logit_scale: float = 1 / 0.07
+  final_norm: bool = True
   dtype: Dtype = None
 
   @nn.compact
@@ -313,7 +315,9 @@ class LDVCHead(nn.Module):
                               self.mlp_ratio, self.dropout, self.dtype, name=f'layers_{i}')(
           x, anchors, train=train)
       routes.append(r)
-    x = ot_layers.l2_normalize(ot_layers.layer_norm(self.dtype, 'norm')(x))
+    if self.final_norm:
+      x = ot_layers.layer_norm(self.dtype, 'norm')(x)
+    x = ot_layers.l2_normalize(x)
     logits = self.logit_scale * jnp.einsum('bhwc,bkc->bhwk', x,
                                            ot_layers.l2_normalize(anchors))
     return {'decoder': logits, 'anchors': anchors, 'tokens': x, 'routes': jnp.stack(routes)}
@@ -342,7 +346,8 @@ class LDVC(nn.Module):
     self.decode_head = LDVCHead(
         embed_dims=b.output_dim, decoder_layers=h.decoder_layers, num_heads=h.num_heads,
         windows=h.windows, topk=h.topk, local_kernel=h.local_kernel, mlp_ratio=h.mlp_ratio,
-        dropout=h.dropout, logit_scale=h.logit_scale, dtype=self.dtype)
+        dropout=h.dropout, logit_scale=h.logit_scale, final_norm=h.get('final_norm', True),
+        dtype=self.dtype)
 
   def encode_text(self, tokens: jax.Array, *, train: bool) -> jax.Array:
     """(K, L) class prompt ids -> (K, C) L2-normalised class text, in float32 at least."""
