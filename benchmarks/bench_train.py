@@ -145,6 +145,10 @@ def _random_text(config, num_classes: int) -> np.ndarray:
     length = len(config.model.text_template.split()) + 4
     tokens = rng.integers(1, 49406, (num_classes, length)).astype(np.int32)
     tokens[:, 0], tokens[:, -1] = 49406, 49407  # SOT, EOT (the row maximum: the pooled token)
+    # The template's words before the name are the same in every prompt, as in real ones (a
+    # method may check it: LDVC's deep text prompts replace them).
+    words = len(config.model.text_template.split('{}')[0].split())
+    tokens[:, 1:1 + words] = tokens[:1, 1:1 + words]
     return tokens
   text = rng.normal(size=(num_classes, config.model.num_prompts,
                           config.model.backbone.output_dim)).astype(np.float32)

@@ -38,6 +38,7 @@ CONFIGS = {
     'ZegOT': 'configs/zegot.py:synthetic',
     'MVP-SEG': 'configs/mvpseg.py:synthetic',
     'MVP-SEG+': 'configs/mvpseg.py:synthetic>configs/mvpseg.py:synthetic:plus@500',
+    'LDVC': 'configs/ldvc.py:synthetic',
 }
 
 KEYS = ('seen_mIoU', 'unseen_mIoU', 'hIoU')

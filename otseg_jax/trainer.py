@@ -289,8 +289,10 @@ def parallel_step(step_fn: Callable[..., Any], parallel: str,
 def init_params(config: ml_collections.ConfigDict, model: Any, text_input: Any, seed: int,
                 clip: tuple[Any, Any] | None = None) -> Any:
   """The starting parameters, as numpy: random init, the CLIP towers of `config.model.
-  clip_towers` from `clip` (the run's `load_clip(config.clip)`), then everything from
-  `config.init_from` if set (transductive training starts from an inductive run)."""
+  clip_towers` from `clip` (the run's `load_clip(config.clip)`), then the method's optional
+  `init_after_load(params, text_input, config.model)` (parameters that start from the loaded
+  towers' outputs); or everything from `config.init_from` if set (transductive training starts
+  from an inductive run)."""
   patch = config.model.backbone.patch_size
   # The positional grid is a parameter of the configured image size and is resized to the input at
   # run time, so a tiny input initialises the same tree at a fraction of the cost.
@@ -310,6 +312,9 @@ def init_params(config: ml_collections.ConfigDict, model: Any, text_input: Any, 
     params = params_lib.merge_loaded(
         params, {subtree: towers[tower] for subtree, tower in config.model.clip_towers.items()},
         dont_load=config.model.dont_load, source=f'CLIP weights {config.clip}')
+  after_load = getattr(models.get_method(config.model.name), 'init_after_load', None)
+  if after_load is not None:
+    params = jax.tree.map(np.asarray, after_load(params, np.asarray(text_input), config.model))
   return params
 
 

@@ -146,20 +146,24 @@ def learn_bpe(words: Iterable[str]) -> list[tuple[str, str]]:
     words = {w: _merge(s, pair) for w, s in words.items()}
 
 
-def write_tokenizer(directory) -> Any:
-  """Writes vocab.json + merges.txt of the world's BPE into `directory`, loads them as a
-  `transformers.CLIPTokenizer`, saves that too (tokenizer_config.json, ...) and returns it.
-
-  Vocabulary (OpenAI's layout): the 256 byte characters, the same with '</w>', the merged
-  symbols in merge order, then SOT and EOT, so EOT is the largest id.
-  """
-  import transformers  # pylint: disable=g-import-not-at-top
-  directory = pathlib.Path(directory)
+def vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+  """(token -> id, BPE merges) of the world's tokenizer, in OpenAI's layout: the 256 byte
+  characters, the same with '</w>', the merged symbols in merge order, then SOT and EOT, so EOT is
+  the largest id. A model holding the text tower (a learned-text method) reads its size."""
   merges = learn_bpe(corpus_words())
   base = list(bytes_to_unicode().values())
   vocab = {}
   for token in base + [b + '</w>' for b in base] + [a + b for a, b in merges] + [SOT, EOT]:
     vocab.setdefault(token, len(vocab))
+  return vocab, merges
+
+
+def write_tokenizer(directory) -> Any:
+  """Writes vocab.json + merges.txt of the world's BPE (`vocabulary`) into `directory`, loads them
+  as a `transformers.CLIPTokenizer`, saves that too (tokenizer_config.json, ...) and returns it."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(directory)
+  vocab, merges = vocabulary()
   (directory / 'vocab.json').write_text(json.dumps(vocab, ensure_ascii=False), encoding='utf-8')
   (directory / 'merges.txt').write_text(
       '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in merges), encoding='utf-8')

@@ -29,6 +29,13 @@ error from that tool, nothing else changes):
                                           (`convert --config dump.json`, `otseg_jax.parity`)
   mmseg_decoder_layer_rows(layer, with_output)  parity: (torch name, path, transform) rows of
                                           one decoder layer, for tensors the model never creates
+  init_after_load(params, text_input, config)  the starting parameters (numpy) given the
+                                          initialised ones with the CLIP towers merged, the
+                                          training text input and the model config, for
+                                          parameters that start from the towers' outputs (LDVC:
+                                          its deep text prompts from the template's hidden
+                                          states); `trainer.init_params` calls it, except when
+                                          the parameters come from `init_from`
 OTSeg's live in `otseg_mmseg`, exposed by `otseg`.
 """
 

@@ -299,6 +299,7 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None,
                deep_prompts: jax.Array | None = None,
+               deep_context: jax.Array | None = None,
                hidden_layers: Sequence[int] = ()) -> tuple[jax.Array, dict[int, jax.Array]]:
     """Runs the blocks.
 
@@ -308,6 +309,8 @@ class Transformer(nn.Module):
       deep_prompts: (L_d, B, T, D) or None. Before block i (1 <= i <= L_d) the T prompt slots are
         replaced by `deep_prompts[i - 1]`; before block L_d + 1 they are removed, leaving
         [CLS, rest].
+      deep_context: (L_c, B, T, D) or None, the deep text prompts: before block i (i < L_c) the
+        T tokens after the first are replaced by `deep_context[i]`; the length never changes.
       hidden_layers: block indices (0-based) whose outputs to return.
 
     Returns:
@@ -324,6 +327,9 @@ class Transformer(nn.Module):
           x = jnp.concatenate([x[:, :1], deep_prompts[i - 1].astype(x.dtype), x[:, 1 + t:]], axis=1)
         elif i == depth + 1:
           x = jnp.concatenate([x[:, :1], x[:, 1 + t:]], axis=1)
+      if deep_context is not None and i < deep_context.shape[0]:
+        t = deep_context.shape[2]
+        x = jnp.concatenate([x[:, :1], deep_context[i].astype(x.dtype), x[:, 1 + t:]], axis=1)
       x = block(self.heads, self.query_chunk, self.attention, self.mlp_dim, self.activation,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f'resblocks_{i}')(x, mask)
       if i in hidden_layers:
@@ -480,11 +486,15 @@ class TextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, token_ids: jax.Array, context: jax.Array | None = None) -> jax.Array:
+  def __call__(self, token_ids: jax.Array, context: jax.Array | None = None,
+               deep_context: jax.Array | None = None) -> jax.Array:
     """token_ids (B, L) int (L <= context_length, EOT the row maximum) -> (B, C), unnormalised.
 
     context: (T, width) or (B, T, width) learned vectors (CoOp) that replace the embeddings of the
     T tokens after SOT (the template's placeholders); None: the tokens' own embeddings.
+    deep_context: (L_c, T, width) or (L_c, B, T, width), L_c <= layers, deep text prompts: the
+    input of block i < L_c (block 0's is the embeddings plus positions) has its T tokens after
+    SOT replaced by `deep_context[i]`; None (or T = 0): the plain tower.
     """
     if token_ids.ndim != 2 or token_ids.shape[1] > self.context_length:
       raise ValueError(f'TextTransformer expects token ids (B, L) with L <= {self.context_length}, '
@@ -501,9 +511,17 @@ class TextTransformer(nn.Module):
     pos = self.param('positional_embedding', nn.initializers.normal(0.01),
                      (self.context_length, self.width), self.param_dtype)
     x = x + pos[:l].astype(self.dtype)
+    if deep_context is not None:
+      if deep_context.ndim == 3:
+        deep_context = deep_context[:, None]
+      n, _, t, _ = deep_context.shape
+      if n > self.layers or 1 + t >= l:
+        raise ValueError(f'deep_context {deep_context.shape}: at most {self.layers} layers and '
+                         f'fewer than {l - 1} tokens (the prompts replace tokens after SOT).')
+      deep_context = jnp.broadcast_to(deep_context, (n, b, t, self.width))
     causal = jnp.tril(jnp.ones((l, l), bool))
     x, _ = Transformer(self.layers, self.heads, mlp_dim=self.mlp_dim, activation=self.activation,
-                       name='transformer', **kw)(x, mask=causal)
+                       name='transformer', **kw)(x, mask=causal, deep_context=deep_context)
     x = layer_norm(x, 'ln_final', **kw)
     x = x[jnp.arange(b), jnp.argmax(token_ids, axis=-1)]
     proj = self.param('text_projection', nn.initializers.normal(self.width**-0.5),
