@@ -49,7 +49,8 @@ def run(spec: str, steps: int, seed: int) -> dict:
 
   `spec` is a config (file.py[:arg]), or stages `first>second@STEPS>...`: each later stage starts
   from the previous stage's checkpoint (`init_from`, e.g. transductive self-training after an
-  inductive run) and trains STEPS steps; the scores are the last stage's, the time all stages'.
+  inductive run) and trains STEPS steps; the scores are the last stage's, the steps and the time
+  all stages'.
   """
   first, *later = spec.split('>')
   stages = [(first, steps)] + [(s.rsplit('@', 1)[0], int(s.rsplit('@', 1)[1])) for s in later]
@@ -68,7 +69,8 @@ def run(spec: str, steps: int, seed: int) -> dict:
       start = time.time()
       results = trainer.train_and_evaluate(config, f'{root}/{i}')
       seconds += time.time() - start - results['seconds']  # the final evaluation is not training
-  return {**{k: results[k] for k in KEYS}, 'train_seconds': seconds, 'seed': seed}
+  return {**{k: results[k] for k in KEYS}, 'train_seconds': seconds, 'seed': seed,
+          'steps': sum(n for _, n in stages)}
 
 
 def mean_spread(values) -> tuple[float, float]:
@@ -96,7 +98,8 @@ def load_results(paths) -> tuple[dict[str, list[dict]], dict[str, int]]:
     results = json.loads(pathlib.Path(path).read_text())
     for label, runs in results['runs'].items():
       rows[label] = runs
-      steps[label] = results.get('steps_by_label', {}).get(label, results['steps'])
+      steps[label] = runs[0].get('steps') or results.get('steps_by_label', {}).get(
+          label, results['steps'])
   return rows, steps
 
 
@@ -129,9 +132,13 @@ def main(argv=None) -> int:
   parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'compare_methods'))
   parser.add_argument('--merge', nargs='+', default=None, metavar='RESULTS_JSON',
                       help='Rebuild OUT from these results files instead of training.')
+  parser.add_argument('--labels', default=None,
+                      help='With --merge: the rows to keep, in this order (comma-separated).')
   args = parser.parse_args(argv)
   if args.merge:
     rows, steps = load_results(args.merge)
+    if args.labels:
+      rows = {label: rows[label] for label in args.labels.split(',')}
   else:
     configs = dict(c.split('=', 1) if '=' in c else (c, c) for c in args.config) \
         if args.config else CONFIGS

@@ -66,7 +66,12 @@ def synthetic_config(setting: str):
   # 8 x 8 tokens: 4 x 4 windows of 2 x 2, 4 routed (a quarter of the grid), ours (L).
   m.head.update(decoder_layers=3, num_heads=4, windows=4, topk=4, dropout=0.1)
   config.model = m
-  return _method_fields(config, setting)
+  config = _method_fields(config, setting)
+  # Measured on seed 0, 1000 steps (hIoU): lr 1e-4 with calibration 0.1 36.1, calibration 0 41.6;
+  # lr 3e-4 with calibration 0 64.6; logit scale 10 46.8, 25 30.1 (at lr 1e-4). Ours.
+  config.optimizer.lr = 3e-4
+  config.model.calibration = 0.0
+  return config
 
 
 def tiny_config(setting: str):
