@@ -66,7 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
       threshold=1e-6,  # ott only: stop when ||P^T 1 - b||_norm_error < threshold
       norm_error=1,  # ott only
       reference_threshold=1e-6,  # reference only: stop when batch-mean |u - u_prev| < this
-      min_iterations=0,  # min == max gives a fixed number of iterations (a scan, no stopping test)
+      # min == max gives a fixed number of iterations (no stopping test); with 'ott' and
+      # 'unrolled' it runs as ott's while loop, not its scan (ott 0.6 scan-VJP bug, see
+      # `_fixed_iterations_guard`).
+      min_iterations=0,
       max_iterations=100,
       inner_iterations=1,  # ott only: iterations between two error evaluations
       lse_mode=True,
@@ -104,6 +107,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f'got {config.backprop_iterations}.')
   if config.inner_iterations < 1:
     raise ValueError(f'ot: inner_iterations must be >= 1, got {config.inner_iterations}.')
+  if (config.implementation == 'ott' and config.min_iterations == config.max_iterations
+      and config.max_iterations % config.inner_iterations):
+    # ott's scan runs max // inner blocks, its while loop (see _fixed_iterations_guard) rounds up.
+    raise ValueError(f'ot: a fixed number of iterations (min_iterations == max_iterations = '
+                     f'{config.max_iterations}) must be a multiple of inner_iterations='
+                     f'{config.inner_iterations}.')
   for name in ('tau_a', 'tau_b'):
     if not 0 < config[name] <= 1:
       raise ValueError(f'ot: {name} must be in (0, 1], got {config[name]}.')
@@ -191,15 +200,42 @@ def sinkhorn_plan_with_info(
   return plan.reshape(*batch, m, n).astype(cost.dtype), info
 
 
+def _fixed_iterations_guard(config: ml_collections.ConfigDict) -> tuple[int, float, int]:
+  """(min_iterations, threshold, inner_iterations) to hand ott's Sinkhorn.
+
+  ott-jax 0.6 bug: with min_iterations == max_iterations its unrolled loop is a `lax.scan`, and the
+  custom VJP of that scan (`fixpoint_iter_bwd`, force_scan) starts its backward pass at iteration 0
+  and walks the stored states in the wrong order, so the gradients are wrong while the plans are
+  right (tests/test_ot.py::test_fixed_iterations_gradient_guard). A fixed number of iterations is
+  therefore run as ott's while loop, whose backward is correct, with threshold 0: the marginal
+  error is a norm, never < 0, so the loop stops only at max_iterations (or on a non-finite error,
+  as ott always does). The loop tests every inner_iterations = r iterations; the test at counter c
+  reads the error of iteration c - 1, and ott stores inf (read as divergence) for iterations below
+  min_iterations, so min_iterations is set to one below the last test before max_iterations.
+  That needs r >= 2 (with r = 1 the test at c = min_iterations would read an inf): r = 1 becomes
+  the smallest divisor >= 2 of max_iterations, which changes nothing but where errors are
+  computed (two evaluations per call instead of every one). Only the unrolled backward uses the
+  loop's VJP; 'implicit' and 'truncated' keep ott's scan.
+  """
+  k, r = config.max_iterations, config.inner_iterations
+  if not (config.min_iterations == k and config.differentiation == 'unrolled'):
+    return config.min_iterations, config.threshold, r
+  if r == 1:
+    r = next(d for d in range(2, k + 1) if k % d == 0) if k > 1 else 1
+  last_test = (k - 1) // r * r
+  return max(last_test - 1, 0), 0.0, r
+
+
 def _ott_sinkhorn(cost: jax.Array, config: ml_collections.ConfigDict):
   """ott-jax Sinkhorn on (P, M, N) costs; plans (P, M, N) and per-problem info."""
+  min_iterations, threshold, inner_iterations = _fixed_iterations_guard(config)
   solver = sinkhorn.Sinkhorn(
       lse_mode=config.lse_mode,
-      threshold=config.threshold,
+      threshold=threshold,
       norm_error=config.norm_error,
-      min_iterations=config.min_iterations,
+      min_iterations=min_iterations,
       max_iterations=config.max_iterations,
-      inner_iterations=config.inner_iterations,
+      inner_iterations=inner_iterations,
       implicit_diff=(implicit_differentiation.ImplicitDiff()
                      if config.differentiation == 'implicit' else None))
 
@@ -213,7 +249,11 @@ def _ott_sinkhorn(cost: jax.Array, config: ml_collections.ConfigDict):
     out = solver(problem(jax.lax.stop_gradient(c)) if truncated else prob)
     # Errors are recorded every inner_iterations; -1 marks the slots never reached.
     last = jnp.maximum(jnp.sum(out.errors != -1) - 1, 0)
-    info = dict(iterations=out.n_iters, error=out.errors[last], converged=out.converged)
+    # `converged` against the configured threshold (the guard above may hand ott threshold 0).
+    error = out.errors[last]
+    info = dict(iterations=out.n_iters, error=error,
+                converged=jnp.logical_and(~jnp.any(jnp.isnan(out.errors)),
+                                          error < config.threshold))
     if not truncated:
       return out.matrix, info
     # The same g-then-f LSE updates as ott's solver, on the differentiable cost, from the
