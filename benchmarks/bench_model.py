@@ -41,7 +41,19 @@ AUTHORS = {
     'ot_uniform_reference_fwd': (0.088, None), 'ot_uniform_reference_fwdbwd': (0.157, None),
 }
 
-FIGURES = ('eval_b1', 'train_b1', 'train_b2', 'head_b4', 'ot', 'tower', 'torch_tower')
+FIGURES = ('eval_b1', 'train_b1', 'train_b2', 'head_b4', 'ot', 'ot_ablations', 'tower',
+           'torch_tower')
+
+# config.model.ot overrides of the 'ot_ablations' figure (ott's solvers and initializers), on the
+# cosine costs of (d) with their point clouds.
+OT_ABLATIONS = {
+    'subsample': dict(initializer='subsample'),
+    'gaussian': dict(initializer='gaussian'),
+    'lr_random_r2': dict(solver='lr_sinkhorn', lr_rank=2),
+    'lr_rank2_r2': dict(solver='lr_sinkhorn', lr_rank=2, lr_initializer='rank2'),
+    'lr_kmeans_r2': dict(solver='lr_sinkhorn', lr_rank=2, lr_initializer='k-means'),
+    'lr_random_r6': dict(solver='lr_sinkhorn', lr_rank=6),
+}
 
 
 def _config(quick: bool, attention_query_chunk: int | None = None, overrides=()):
@@ -233,6 +245,33 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
         timing['iterations'] = int(np.max(np.asarray(fwd(cost)[1]['iterations'])))
         results[f'ot_{kind}_{implementation}_fwd'] = timing
         results[f'ot_{kind}_{implementation}_fwdbwd'] = _time(lambda: bwd(cost), runs)
+  elif name == 'ot_ablations':
+    from otseg_jax.models import ot_layers  # pylint: disable=g-import-not-at-top
+    p, m = sizes['ot_problems'], sizes['m']
+    b = 3 if p % 3 == 0 else 1
+    pixels = jnp.asarray(unit(rng.normal(size=(b, m, 512))), jnp.float32)
+    prompts = jnp.asarray(unit(rng.normal(size=(b, p // b, n, 512))), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(b, m, p // b)), jnp.float32)
+    plans = {}
+    for label, overrides in {'default': {}, **OT_ABLATIONS}.items():
+      ot_config = ot.get_config()
+      ot_config.update(overrides)
+      fwd = jax.jit(lambda x, y, cfg=ot_config: ot_layers.transport_map(x, y, cfg))
+      bwd = jax.jit(jax.grad(
+          lambda x, y, cfg=ot_config: jnp.sum(ot_layers.transport_map(x, y, cfg)[1] * cot),
+          argnums=(0, 1)))
+      try:
+        timing = _time(lambda: fwd(pixels, prompts)[1], runs)
+      except ValueError as e:  # an impossible combination: the error is the figure
+        results[f'ot_abl_{label}_fwd'] = dict(error=str(e).split('\n')[0])
+        continue
+      plan, _, info = fwd(pixels, prompts)
+      plans[label] = plan
+      timing['iterations'] = int(np.max(np.asarray(info['iterations'])))
+      timing['plan_vs_default'] = float(jnp.max(jnp.abs(plan - plans['default'])) /
+                                        jnp.max(plans['default']))
+      results[f'ot_abl_{label}_fwd'] = timing
+      results[f'ot_abl_{label}_fwdbwd'] = _time(lambda: bwd(pixels, prompts), runs)
   elif name == 'tower':
     # The frozen tower (+ the L2 normalisation): gradients flow to its input, not its weights.
     images = jnp.asarray(rng.normal(size=(1, s, s, 3)), jnp.float32)
@@ -277,6 +316,7 @@ def main(argv=None) -> int:
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help="a model config field, e.g. --set backbone.remat=block --set "
                       "dtype=bfloat16 (repeatable)")
+  parser.add_argument('--json', default=None, help='also write the figures to this JSON file')
   parser.add_argument('--figure', help=argparse.SUPPRESS)  # internal: run one figure here
   args = parser.parse_args(argv)
   args.runs = args.runs or (3 if args.quick else 5)
@@ -305,6 +345,10 @@ def main(argv=None) -> int:
     results.update(json.loads(lines[-1][len('RESULT '):]))
     print(f'  {figure}: done', file=sys.stderr, flush=True)
 
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(threads=len(cpus), runs=args.runs, quick=args.quick, set=args.set,
+                     load_average=os.getloadavg(), results=results), f, indent=1)
   title = 'tiny --quick config (authors\' numbers are for the real one)' if args.quick else \
       'real VOC config'
   chunk = _config(args.quick, args.attention_query_chunk)[0].backbone.attention_query_chunk
@@ -315,7 +359,12 @@ def main(argv=None) -> int:
   print('|---|---:|---:|---:|---:|---:|---:|')
   for key, timing in results.items():
     ref_s, ref_gb = AUTHORS.get(key, (None, None))
+    if 'error' in timing:
+      print(f'| {key} | {timing["error"]} | | | | | |')
+      continue
     extra = f' ({timing["iterations"]} it.)' if 'iterations' in timing else ''
+    if 'plan_vs_default' in timing:
+      extra += f' (plan vs default {timing["plan_vs_default"]:.2g})'
     fmt = lambda v, p=3: '–' if v is None else f'{v:.{p}f}'
     print(f'| {key}{extra} | {timing["median"]:.3f} | {timing["min"]:.3f} | '
           f'{timing["compile_s"]:.1f} | '

@@ -2,6 +2,8 @@ r"""Compares the methods on the synthetic zero-shot dataset: same steps, several
 
   python benchmarks/compare_methods.py --out benchmarks/compare_methods   # 1500 steps, 3 seeds
   python benchmarks/compare_methods.py --steps 20 --seeds 0 --config configs/tiny.py  # smoke test
+  python benchmarks/compare_methods.py --set model.ot.solver=lr_sinkhorn \
+      --out benchmarks/results/compare_methods_ot/lr_sinkhorn   # an OT ablation of every config
 
 Every config of --config (default: each method's synthetic config, `CONFIGS`) is trained with the
 real `train_and_evaluate` for --steps steps per seed, then evaluated on the synthetic validation
@@ -11,6 +13,7 @@ A new method adds its row by adding its synthetic config to `CONFIGS`.
 """
 
 import argparse
+import ast
 import json
 import pathlib
 import sys
@@ -36,9 +39,23 @@ CONFIGS = {
 KEYS = ('seen_mIoU', 'unseen_mIoU', 'hIoU')
 
 
-def run(spec: str, steps: int, seed: int) -> dict:
+def apply_overrides(config, overrides=()):
+  """FIELD=VALUE items (Python literals, else plain strings) set on `config`."""
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set {item!r}: expected FIELD=VALUE.')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    config.update_from_flattened_dict({key: value})
+  return config
+
+
+def run(spec: str, steps: int, seed: int, overrides=()) -> dict:
   """Trains and evaluates one (config, seed); returns the scores and the train time."""
-  config = bench_train.load_config(spec)
+  config = apply_overrides(bench_train.load_config(spec), overrides)
   config.seed = seed
   config.num_train_steps = steps
   config.checkpoint_every_steps = steps
@@ -95,19 +112,24 @@ def main(argv=None) -> int:
   parser.add_argument('--steps', type=int, default=1500)
   parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'compare_methods'))
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='a config field of every config, e.g. --set model.ot.solver=lr_sinkhorn '
+                      '(repeatable)')
   args = parser.parse_args(argv)
   configs = dict(c.split('=', 1) if '=' in c else (c, c) for c in args.config) \
       if args.config else CONFIGS
   seeds = [int(s) for s in args.seeds.split(',')]
   devices.quiet_library_logs()
-  rows = {label: [run(spec, args.steps, seed) for seed in seeds]
+  rows = {label: [run(spec, args.steps, seed, args.set) for seed in seeds]
           for label, spec in configs.items()}
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  reports.write_json(out / 'results.json', {'steps': args.steps, 'seeds': seeds, 'runs': rows})
-  (out / 'table.md').write_text(table(rows, args.steps))
+  reports.write_json(out / 'results.json', {'steps': args.steps, 'seeds': seeds, 'set': args.set,
+                                            'runs': rows})
+  text = (f'Overrides: {", ".join(args.set)}. ' if args.set else '') + table(rows, args.steps)
+  (out / 'table.md').write_text(text)
   bar_chart(rows, out / 'hiou.png')
-  print(table(rows, args.steps))
+  print(text)
   return 0
 
 
