@@ -56,7 +56,8 @@ OT_ABLATIONS = {
 }
 
 
-def _config(quick: bool, attention_query_chunk: int | None = None, overrides=()):
+def _config(quick: bool, attention_query_chunk: int | None = None, overrides=(),
+            classes: str | None = None):
   import ast  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
   config = otseg.get_config('voc')
@@ -76,6 +77,8 @@ def _config(quick: bool, attention_query_chunk: int | None = None, overrides=())
                                 num_prompt_tokens=2, prompt_depth=1))
     config.num_prompts = 2
     sizes = dict(seen=3, all=4, ot_problems=12, m=16)
+  if classes:  # 'K,SEEN': K classes at eval, SEEN in the train step (bench_scaling.py)
+    sizes['all'], sizes['seen'] = (int(v) for v in classes.split(','))
   return config, sizes
 
 
@@ -160,7 +163,7 @@ def _torch_tower(config, images, runs: int) -> dict:
 
 
 def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | None = None,
-               overrides=()) -> dict:
+               overrides=(), classes: str | None = None) -> dict:
   """Runs one figure in this process; returns {key: timing dict}."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -170,7 +173,7 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
   from otseg_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
 
-  config, sizes = _config(quick, attention_query_chunk, overrides)
+  config, sizes = _config(quick, attention_query_chunk, overrides, classes)
   s, c, n = config.image_size, config.backbone.output_dim, config.num_prompts
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -298,7 +301,7 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
 def _child(args) -> None:
   import resource  # pylint: disable=g-import-not-at-top
   results = run_figure(args.figure, args.quick, args.runs, args.attention_query_chunk,
-                       args.set)
+                       args.set, args.classes)
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
   for timing in results.values():
     timing['peak_rss_gb'] = peak_gb
@@ -316,6 +319,8 @@ def main(argv=None) -> int:
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help="a model config field, e.g. --set backbone.remat=block --set "
                       "dtype=bfloat16 (repeatable)")
+  parser.add_argument('--classes', default=None, metavar='K,SEEN',
+                      help='K classes at eval and SEEN in the train step (default 20,15: VOC)')
   parser.add_argument('--json', default=None, help='also write the figures to this JSON file')
   parser.add_argument('--figure', help=argparse.SUPPRESS)  # internal: run one figure here
   args = parser.parse_args(argv)
@@ -335,6 +340,8 @@ def main(argv=None) -> int:
     if args.attention_query_chunk is not None:
       cmd += ['--attention_query_chunk', str(args.attention_query_chunk)]
     cmd += [f'--set={item}' for item in args.set]
+    if args.classes:
+      cmd += ['--classes', args.classes]
     # Pinning the child to `threads` CPUs bounds XLA's thread pool as torch.set_num_threads does.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
