@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_scaling.py
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -41,10 +41,23 @@ AUTHORS = {
     'ot_uniform_reference_fwd': (0.088, None), 'ot_uniform_reference_fwdbwd': (0.157, None),
 }
 
-FIGURES = ('eval_b1', 'train_b1', 'train_b2', 'head_b4', 'ot', 'tower', 'torch_tower')
+FIGURES = ('eval_b1', 'train_b1', 'train_b2', 'head_b4', 'ot', 'ot_ablations', 'tower',
+           'torch_tower')
+
+# config.model.ot overrides of the 'ot_ablations' figure (ott's solvers and initializers), on the
+# cosine costs of (d) with their point clouds.
+OT_ABLATIONS = {
+    'subsample': dict(initializer='subsample'),
+    'gaussian': dict(initializer='gaussian'),
+    'lr_random_r2': dict(solver='lr_sinkhorn', lr_rank=2),
+    'lr_rank2_r2': dict(solver='lr_sinkhorn', lr_rank=2, lr_initializer='rank2'),
+    'lr_kmeans_r2': dict(solver='lr_sinkhorn', lr_rank=2, lr_initializer='k-means'),
+    'lr_random_r6': dict(solver='lr_sinkhorn', lr_rank=6),
+}
 
 
-def _config(quick: bool, attention_query_chunk: int | None = None, overrides=()):
+def _config(quick: bool, attention_query_chunk: int | None = None, overrides=(),
+            classes: str | None = None):
   import ast  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
   config = otseg.get_config('voc')
@@ -64,6 +77,8 @@ def _config(quick: bool, attention_query_chunk: int | None = None, overrides=())
                                 num_prompt_tokens=2, prompt_depth=1))
     config.num_prompts = 2
     sizes = dict(seen=3, all=4, ot_problems=12, m=16)
+  if classes:  # 'K,SEEN': K classes at eval, SEEN in the train step (bench_scaling.py)
+    sizes['all'], sizes['seen'] = (int(v) for v in classes.split(','))
   return config, sizes
 
 
@@ -148,7 +163,7 @@ def _torch_tower(config, images, runs: int) -> dict:
 
 
 def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | None = None,
-               overrides=()) -> dict:
+               overrides=(), classes: str | None = None) -> dict:
   """Runs one figure in this process; returns {key: timing dict}."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -158,7 +173,7 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
   from otseg_jax import params as params_lib  # pylint: disable=g-import-not-at-top
   from otseg_jax.models import otseg  # pylint: disable=g-import-not-at-top
 
-  config, sizes = _config(quick, attention_query_chunk, overrides)
+  config, sizes = _config(quick, attention_query_chunk, overrides, classes)
   s, c, n = config.image_size, config.backbone.output_dim, config.num_prompts
   rng = np.random.default_rng(0)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -233,6 +248,33 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
         timing['iterations'] = int(np.max(np.asarray(fwd(cost)[1]['iterations'])))
         results[f'ot_{kind}_{implementation}_fwd'] = timing
         results[f'ot_{kind}_{implementation}_fwdbwd'] = _time(lambda: bwd(cost), runs)
+  elif name == 'ot_ablations':
+    from otseg_jax.models import ot_layers  # pylint: disable=g-import-not-at-top
+    p, m = sizes['ot_problems'], sizes['m']
+    b = 3 if p % 3 == 0 else 1
+    pixels = jnp.asarray(unit(rng.normal(size=(b, m, 512))), jnp.float32)
+    prompts = jnp.asarray(unit(rng.normal(size=(b, p // b, n, 512))), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(b, m, p // b)), jnp.float32)
+    plans = {}
+    for label, overrides in {'default': {}, **OT_ABLATIONS}.items():
+      ot_config = ot.get_config()
+      ot_config.update(overrides)
+      fwd = jax.jit(lambda x, y, cfg=ot_config: ot_layers.transport_map(x, y, cfg))
+      bwd = jax.jit(jax.grad(
+          lambda x, y, cfg=ot_config: jnp.sum(ot_layers.transport_map(x, y, cfg)[1] * cot),
+          argnums=(0, 1)))
+      try:
+        timing = _time(lambda: fwd(pixels, prompts)[1], runs)
+      except ValueError as e:  # an impossible combination: the error is the figure
+        results[f'ot_abl_{label}_fwd'] = dict(error=str(e).split('\n')[0])
+        continue
+      plan, _, info = fwd(pixels, prompts)
+      plans[label] = plan
+      timing['iterations'] = int(np.max(np.asarray(info['iterations'])))
+      timing['plan_vs_default'] = float(jnp.max(jnp.abs(plan - plans['default'])) /
+                                        jnp.max(plans['default']))
+      results[f'ot_abl_{label}_fwd'] = timing
+      results[f'ot_abl_{label}_fwdbwd'] = _time(lambda: bwd(pixels, prompts), runs)
   elif name == 'tower':
     # The frozen tower (+ the L2 normalisation): gradients flow to its input, not its weights.
     images = jnp.asarray(rng.normal(size=(1, s, s, 3)), jnp.float32)
@@ -259,7 +301,7 @@ def run_figure(name: str, quick: bool, runs: int, attention_query_chunk: int | N
 def _child(args) -> None:
   import resource  # pylint: disable=g-import-not-at-top
   results = run_figure(args.figure, args.quick, args.runs, args.attention_query_chunk,
-                       args.set)
+                       args.set, args.classes)
   peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
   for timing in results.values():
     timing['peak_rss_gb'] = peak_gb
@@ -277,6 +319,9 @@ def main(argv=None) -> int:
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help="a model config field, e.g. --set backbone.remat=block --set "
                       "dtype=bfloat16 (repeatable)")
+  parser.add_argument('--classes', default=None, metavar='K,SEEN',
+                      help='K classes at eval and SEEN in the train step (default 20,15: VOC)')
+  parser.add_argument('--json', default=None, help='also write the figures to this JSON file')
   parser.add_argument('--figure', help=argparse.SUPPRESS)  # internal: run one figure here
   args = parser.parse_args(argv)
   args.runs = args.runs or (3 if args.quick else 5)
@@ -295,6 +340,8 @@ def main(argv=None) -> int:
     if args.attention_query_chunk is not None:
       cmd += ['--attention_query_chunk', str(args.attention_query_chunk)]
     cmd += [f'--set={item}' for item in args.set]
+    if args.classes:
+      cmd += ['--classes', args.classes]
     # Pinning the child to `threads` CPUs bounds XLA's thread pool as torch.set_num_threads does.
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
@@ -305,6 +352,10 @@ def main(argv=None) -> int:
     results.update(json.loads(lines[-1][len('RESULT '):]))
     print(f'  {figure}: done', file=sys.stderr, flush=True)
 
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(threads=len(cpus), runs=args.runs, quick=args.quick, set=args.set,
+                     load_average=os.getloadavg(), results=results), f, indent=1)
   title = 'tiny --quick config (authors\' numbers are for the real one)' if args.quick else \
       'real VOC config'
   chunk = _config(args.quick, args.attention_query_chunk)[0].backbone.attention_query_chunk
@@ -315,7 +366,12 @@ def main(argv=None) -> int:
   print('|---|---:|---:|---:|---:|---:|---:|')
   for key, timing in results.items():
     ref_s, ref_gb = AUTHORS.get(key, (None, None))
+    if 'error' in timing:
+      print(f'| {key} | {timing["error"]} | | | | | |')
+      continue
     extra = f' ({timing["iterations"]} it.)' if 'iterations' in timing else ''
+    if 'plan_vs_default' in timing:
+      extra += f' (plan vs default {timing["plan_vs_default"]:.2g})'
     fmt = lambda v, p=3: '–' if v is None else f'{v:.{p}f}'
     print(f'| {key}{extra} | {timing["median"]:.3f} | {timing["min"]:.3f} | '
           f'{timing["compile_s"]:.1f} | '

@@ -2,6 +2,8 @@ r"""Compares the methods on the synthetic zero-shot dataset: same steps, several
 
   python benchmarks/compare_methods.py --out benchmarks/results/compare_methods  # 1000 steps, 3 seeds
   python benchmarks/compare_methods.py --steps 20 --seeds 0 --config configs/tiny.py  # smoke test
+  python benchmarks/compare_methods.py --set model.ot.solver=lr_sinkhorn \
+      --out benchmarks/results/compare_methods_ot/lr_sinkhorn   # an OT ablation of every config
 
   python benchmarks/compare_methods.py --merge a/results.json b/results.json --out OUT  # one table
 
@@ -15,6 +17,7 @@ synthetic config to `CONFIGS`.
 """
 
 import argparse
+import ast
 import json
 import pathlib
 import sys
@@ -44,20 +47,34 @@ CONFIGS = {
 KEYS = ('seen_mIoU', 'unseen_mIoU', 'hIoU')
 
 
-def run(spec: str, steps: int, seed: int) -> dict:
+def apply_overrides(config, overrides=()):
+  """FIELD=VALUE items (Python literals, else plain strings) set on `config`."""
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set {item!r}: expected FIELD=VALUE.')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    config.update_from_flattened_dict({key: value})
+  return config
+
+
+def run(spec: str, steps: int, seed: int, overrides=()) -> dict:
   """Trains and evaluates one (config, seed); returns the scores and the train time.
 
   `spec` is a config (file.py[:arg]), or stages `first>second@STEPS>...`: each later stage starts
   from the previous stage's checkpoint (`init_from`, e.g. transductive self-training after an
   inductive run) and trains STEPS steps; the scores are the last stage's, the steps and the time
-  all stages'.
+  all stages'. `overrides` (FIELD=VALUE) apply to every stage.
   """
   first, *later = spec.split('>')
   stages = [(first, steps)] + [(s.rsplit('@', 1)[0], int(s.rsplit('@', 1)[1])) for s in later]
   seconds = 0.0
   with tempfile.TemporaryDirectory() as root:
     for i, (config_spec, stage_steps) in enumerate(stages):
-      config = bench_train.load_config(config_spec)
+      config = apply_overrides(bench_train.load_config(config_spec), overrides)
       config.seed = seed
       config.num_train_steps = stage_steps
       config.checkpoint_every_steps = stage_steps
@@ -134,6 +151,9 @@ def main(argv=None) -> int:
                       help='Rebuild OUT from these results files instead of training.')
   parser.add_argument('--labels', default=None,
                       help='With --merge: the rows to keep, in this order (comma-separated).')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='a config field of every config, e.g. --set model.ot.solver=lr_sinkhorn '
+                      '(repeatable)')
   args = parser.parse_args(argv)
   if args.merge:
     rows, steps = load_results(args.merge)
@@ -144,16 +164,17 @@ def main(argv=None) -> int:
         if args.config else CONFIGS
     seeds = [int(s) for s in args.seeds.split(',')]
     devices.quiet_library_logs()
-    rows = {label: [run(spec, args.steps, seed) for seed in seeds]
+    rows = {label: [run(spec, args.steps, seed, args.set) for seed in seeds]
             for label, spec in configs.items()}
     steps = {label: args.steps for label in rows}
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   reports.write_json(out / 'results.json', {'steps': max(steps.values()), 'steps_by_label': steps,
-                                            'runs': rows})
-  (out / 'table.md').write_text(table(rows, steps))
+                                            'set': args.set, 'runs': rows})
+  text = (f'Overrides: {", ".join(args.set)}. ' if args.set else '') + table(rows, steps)
+  (out / 'table.md').write_text(text)
   bar_chart(rows, out / 'hiou.png')
-  print(table(rows, steps))
+  print(text)
   return 0
 
 

@@ -17,6 +17,13 @@ Both are differentiated by unrolling the iterations by default, as the authors' 
 `differentiation='truncated'` (ott only) solves without gradient and backpropagates through
 `backprop_iterations` extra Sinkhorn iterations started from the converged potentials: the
 backward pass costs those few iterations instead of every one that ran.
+
+Ablations through ott (implementation='ott'): `solver='lr_sinkhorn'` is ott's low-rank Sinkhorn
+(`LRSinkhorn`, plans of rank `lr_rank`), and `initializer` picks ott's Sinkhorn initializer for the
+first potentials. The point-cloud initializers see the problem as `PointCloud(x / sqrt 2,
+y / sqrt 2)` under the squared Euclidean cost, which for unit vectors is exactly 1 - cosine;
+callers pass the points (`ot_layers.transport_map` does). Initializers only warm-start: the
+solve is always on the given cost matrix, and the initial potentials carry no gradient.
 """
 
 from typing import Any
@@ -24,13 +31,27 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ott.geometry import costs
 from ott.geometry import geometry
+from ott.geometry import pointcloud
+from ott.initializers.linear import initializers
+from ott.initializers.linear import initializers_lr
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import implicit_differentiation
 from ott.solvers.linear import sinkhorn
+from ott.solvers.linear import sinkhorn_lr
 
 DIFFERENTIATION = ('unrolled', 'implicit', 'truncated')
 IMPLEMENTATIONS = ('ott', 'reference')
+SOLVERS = ('sinkhorn', 'lr_sinkhorn')
+# ott's Sinkhorn initializers offered; 'gaussian' and 'subsample' need the point clouds. ott's
+# 'sorting' initializer needs square costs (M pixels == N prompts), never the case here.
+INITIALIZERS = ('default', 'gaussian', 'subsample')
+POINT_INITIALIZERS = ('gaussian', 'subsample')
+# ott's LRSinkhorn initializers; 'k-means' needs the point clouds. ott's 'generalized-k-means'
+# asserts a square cost matrix (M == N), never the case here.
+LR_INITIALIZERS = ('random', 'rank2', 'k-means')
+SQUARE_ONLY = ('sorting', 'generalized-k-means')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -66,7 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
       threshold=1e-6,  # ott only: stop when ||P^T 1 - b||_norm_error < threshold
       norm_error=1,  # ott only
       reference_threshold=1e-6,  # reference only: stop when batch-mean |u - u_prev| < this
-      min_iterations=0,  # min == max gives a fixed number of iterations (a scan, no stopping test)
+      # min == max gives a fixed number of iterations (no stopping test); with 'ott' and
+      # 'unrolled' it runs as ott's while loop, not its scan (ott 0.6 scan-VJP bug, see
+      # `_fixed_iterations_guard`).
+      min_iterations=0,
       max_iterations=100,
       inner_iterations=1,  # ott only: iterations between two error evaluations
       lse_mode=True,
@@ -75,7 +99,34 @@ def get_config() -> ml_collections.ConfigDict:
       backprop_iterations=10,  # 'truncated': iterations differentiated, from the solved potentials
       tau_a=1.0,  # ott only: < 1 relaxes the pixel marginal (unbalanced OT)
       tau_b=1.0,  # ott only: < 1 relaxes the prompt marginal
+      # Ablations, ott only (module docstring). 'sinkhorn' | 'lr_sinkhorn' (ott's LRSinkhorn).
+      solver='sinkhorn',
+      # Sinkhorn: ott's initializer of the potentials, 'default' (zeros) | 'gaussian' |
+      # 'subsample' (Sinkhorn on subsample_n_x pixels x subsample_n_y prompts, sampled with
+      # replacement, interpolated to all pixels).
+      initializer='default',
+      subsample_n_x=64,  # ours
+      subsample_n_y=None,  # ours: None = N, all prompts (sampled with replacement)
+      # lr_sinkhorn: plan rank (<= min(M, N)), ott's mirror-descent step gamma and its rescaling,
+      # the entropy on top of the low-rank problem (None = `epsilon`, ours: only the rank
+      # constraint differs from the default), its initializer, its stopping threshold on the
+      # change of the objective (ott's default), iterations between two tests (ott's default).
+      # min_iterations / max_iterations are shared with the Sinkhorn solver.
+      lr_rank=2,  # ours
+      lr_gamma=10.0,
+      lr_gamma_rescale=False,  # True (ott's default) cannot be differentiated (check_config)
+      lr_epsilon=None,  # ours
+      lr_initializer='random',  # 'random' | 'rank2' | 'k-means'
+      lr_threshold=1e-3,
+      lr_inner_iterations=10,
   ))
+
+
+def needs_points(config: ml_collections.ConfigDict) -> bool:
+  """Whether the solver needs the point clouds (`points` of `sinkhorn_plan_with_info`)."""
+  if config.solver == 'lr_sinkhorn':
+    return config.lr_initializer == 'k-means'
+  return config.initializer in POINT_INITIALIZERS
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -104,9 +155,64 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f'got {config.backprop_iterations}.')
   if config.inner_iterations < 1:
     raise ValueError(f'ot: inner_iterations must be >= 1, got {config.inner_iterations}.')
+  if (config.implementation == 'ott' and config.min_iterations == config.max_iterations
+      and config.max_iterations % config.inner_iterations):
+    # ott's scan runs max // inner blocks, its while loop (see _fixed_iterations_guard) rounds up.
+    raise ValueError(f'ot: a fixed number of iterations (min_iterations == max_iterations = '
+                     f'{config.max_iterations}) must be a multiple of inner_iterations='
+                     f'{config.inner_iterations}.')
   for name in ('tau_a', 'tau_b'):
     if not 0 < config[name] <= 1:
       raise ValueError(f'ot: {name} must be in (0, 1], got {config[name]}.')
+  if config.solver not in SOLVERS:
+    raise ValueError(f'ot: solver={config.solver!r}, expected one of {SOLVERS}.')
+  if config.initializer == 'sorting':
+    raise ValueError("ot: initializer='sorting' (ott's SortingInitializer) needs square cost "
+                     'matrices, M pixels == N prompts, which OTSeg never has; use one of '
+                     f'{INITIALIZERS}.')
+  if config.initializer not in INITIALIZERS:
+    raise ValueError(f'ot: initializer={config.initializer!r}, expected one of {INITIALIZERS}.')
+  if config.initializer == 'subsample' and not (
+      config.subsample_n_x >= 1 and (config.subsample_n_y is None or config.subsample_n_y >= 1)):
+    raise ValueError(f'ot: subsample_n_x / subsample_n_y must be >= 1, got '
+                     f'{config.subsample_n_x}, {config.subsample_n_y}.')
+  if config.implementation == 'reference' and (
+      config.solver != 'sinkhorn' or config.initializer != 'default'):
+    raise ValueError("ot: implementation='reference' is the authors' loop: solver='sinkhorn' "
+                     "and initializer='default' only (the ablations are ott's: "
+                     "implementation='ott').")
+  if config.solver == 'lr_sinkhorn':
+    if config.initializer != 'default':
+      raise ValueError("ot: solver='lr_sinkhorn' is initialised by lr_initializer; initializer "
+                       f"(the Sinkhorn solver's) must stay 'default', got {config.initializer!r}.")
+    if config.lr_initializer in SQUARE_ONLY:
+      raise ValueError(f"ot: lr_initializer={config.lr_initializer!r} (ott's) needs square cost "
+                       'matrices, M pixels == N prompts, which OTSeg never has; use one of '
+                       f'{LR_INITIALIZERS}.')
+    if config.lr_initializer not in LR_INITIALIZERS:
+      raise ValueError(f'ot: lr_initializer={config.lr_initializer!r}, expected one of '
+                       f'{LR_INITIALIZERS}.')
+    if config.differentiation != 'unrolled':
+      raise ValueError("ot: solver='lr_sinkhorn' only supports differentiation='unrolled' "
+                       '(ott 0.6 implements no implicit differentiation for it).')
+    if config.min_iterations == config.max_iterations:
+      # ott's LRSinkhorn runs the same fixed-point loop: its scan VJP (min == max) is wrong.
+      raise ValueError("ot: solver='lr_sinkhorn' with min_iterations == max_iterations would use "
+                       "ott 0.6's fixed-iteration scan, whose gradients are wrong; set "
+                       'min_iterations < max_iterations.')
+    if config.lr_gamma_rescale:
+      # Measured: jax.grad raises CustomVJPException (differentiation w.r.t. a closed-over value):
+      # the rescaled step depends on the cost and Dykstra's custom-VJP loop closes over it.
+      raise ValueError("ot: solver='lr_sinkhorn' with lr_gamma_rescale=True cannot be "
+                       "differentiated in ott 0.6 (the cost-dependent step is closed over by its "
+                       'Dykstra loop); use lr_gamma_rescale=False.')
+    if config.lr_rank < 1:
+      raise ValueError(f'ot: lr_rank must be >= 1, got {config.lr_rank}.')
+    if config.lr_epsilon is not None and config.lr_epsilon < 0:
+      raise ValueError(f'ot: lr_epsilon must be >= 0 or None, got {config.lr_epsilon}.')
+    if config.lr_inner_iterations < 1 or config.max_iterations % config.lr_inner_iterations:
+      raise ValueError(f'ot: lr_inner_iterations={config.lr_inner_iterations} must be >= 1 and '
+                       f'divide max_iterations={config.max_iterations}.')
   if config.implementation == 'reference':
     # The replica is the authors' balanced log-domain loop, unrolled; anything else would be a
     # different algorithm under the replica's name.
@@ -118,7 +224,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError("ot: implementation='reference' is log-domain; lse_mode must be True.")
 
 
-def sinkhorn_plan(cost: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+def sinkhorn_plan(cost: jax.Array, config: ml_collections.ConfigDict,
+                  points: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Transport plans for a batch of problems with uniform marginals.
 
   See `sinkhorn_plan_with_info`; this returns only the plans.
@@ -130,11 +237,12 @@ def sinkhorn_plan(cost: jax.Array, config: ml_collections.ConfigDict) -> jax.Arr
   Returns:
     (..., M, N) plans in the dtype of `cost`.
   """
-  return sinkhorn_plan_with_info(cost, config)[0]
+  return sinkhorn_plan_with_info(cost, config, points)[0]
 
 
 def sinkhorn_plan_with_info(
-    cost: jax.Array, config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, Any]]:
+    cost: jax.Array, config: ml_collections.ConfigDict,
+    points: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, Any]]:
   """Transport plans for a batch of problems with uniform marginals, and solver diagnostics.
 
   The solve always runs in float32, or float64 when `cost` is float64, whatever the model dtype:
@@ -172,6 +280,10 @@ def sinkhorn_plan_with_info(
   Args:
     cost: (..., M, N) cost matrices (e.g. 1 - cosine).
     config: see `get_config`; checked by `check_config`.
+    points: (x (..., M, C), y (..., N, C)), the unit vectors whose 1 - cosine is `cost`; needed
+      only when `needs_points(config)` (point-cloud initializers), ignored otherwise. Their
+      leading axes broadcast against cost's (size 1 or equal; e.g. pixels (B, 1, M, C) against
+      prompts (B, K, N, C)); broadcast axes are not materialised (nested vmaps).
 
   Returns:
     plan: (..., M, N) in the dtype of `cost`.
@@ -185,35 +297,153 @@ def sinkhorn_plan_with_info(
   flat = cost.reshape(-1, m, n).astype(jnp.promote_types(cost.dtype, jnp.float32))
   if config.implementation == 'reference':
     plan, info = _reference_sinkhorn(flat, config)
-  else:
-    plan, info = _ott_sinkhorn(flat, config)
+  elif not needs_points(config):
+    plan, info = jax.vmap(_ott_solve_fn(config))(flat)
     info = jax.tree.map(lambda x: x.reshape(batch), info)
+  else:
+    if points is None:
+      raise ValueError(f'ot: initializer={config.initializer!r} / lr_initializer='
+                       f'{config.lr_initializer!r} needs the point clouds: pass points=(x, y).')
+    x, y = (jnp.asarray(p, flat.dtype) for p in points)
+    if x.shape[-2] != m or y.shape[-2] != n or x.shape[-1] != y.shape[-1]:
+      raise ValueError(f'ot: points {x.shape}, {y.shape} do not match cost {cost.shape}.')
+    if config.solver == 'sinkhorn' and config.initializer == 'gaussian' and min(m, n) <= x.shape[-1]:
+      # Measured: with N <= C the prompts' covariance is singular and ott's Gaussian potential
+      # is NaN (every plan and gradient NaN); OTSeg has N = 8 prompts in C = 512 dimensions.
+      raise ValueError(f"ot: initializer='gaussian' fits a Gaussian to each point cloud and needs "
+                       f'more points than dimensions: M={m}, N={n}, C={x.shape[-1]}.')
+    lead = len(batch)
+    x = x.reshape((1,) * (lead + 2 - x.ndim) + x.shape)
+    y = y.reshape((1,) * (lead + 2 - y.ndim) + y.shape)
+    plan, info = _nested_vmap(_ott_solve_fn(config), lead)(flat.reshape(cost.shape), x, y)
   return plan.reshape(*batch, m, n).astype(cost.dtype), info
 
 
-def _ott_sinkhorn(cost: jax.Array, config: ml_collections.ConfigDict):
-  """ott-jax Sinkhorn on (P, M, N) costs; plans (P, M, N) and per-problem info."""
+def _nested_vmap(fn, lead: int):
+  """`fn` mapped over `lead` leading axes of its first argument (the cost); the other arguments
+  are mapped where their axis has the cost's size and shared where it has size 1."""
+  if lead == 0:
+    return fn
+
+  def mapped(*args):
+    axes = [0] + [0 if a.shape[0] != 1 or args[0].shape[0] == 1 else None for a in args[1:]]
+    args = [a if ax == 0 else a[0] for a, ax in zip(args, axes)]
+    return jax.vmap(_nested_vmap(fn, lead - 1), in_axes=axes)(*args)
+
+  return mapped
+
+
+def _fixed_iterations_guard(config: ml_collections.ConfigDict) -> tuple[int, float, int]:
+  """(min_iterations, threshold, inner_iterations) to hand ott's Sinkhorn.
+
+  ott-jax 0.6 bug: with min_iterations == max_iterations its unrolled loop is a `lax.scan`, and the
+  custom VJP of that scan (`fixpoint_iter_bwd`, force_scan) starts its backward pass at iteration 0
+  and walks the stored states in the wrong order, so the gradients are wrong while the plans are
+  right (tests/test_ot.py::test_fixed_iterations_gradient_guard). A fixed number of iterations is
+  therefore run as ott's while loop, whose backward is correct, with threshold 0: the marginal
+  error is a norm, never < 0, so the loop stops only at max_iterations (or on a non-finite error,
+  as ott always does). The loop tests every inner_iterations = r iterations; the test at counter c
+  reads the error of iteration c - 1, and ott stores inf (read as divergence) for iterations below
+  min_iterations, so min_iterations is set to one below the last test before max_iterations.
+  That needs r >= 2 (with r = 1 the test at c = min_iterations would read an inf): r = 1 becomes
+  the smallest divisor >= 2 of max_iterations, which changes nothing but where errors are
+  computed (two evaluations per call instead of every one). Only the unrolled backward uses the
+  loop's VJP; 'implicit' and 'truncated' keep ott's scan.
+  """
+  k, r = config.max_iterations, config.inner_iterations
+  if not (config.min_iterations == k and config.differentiation == 'unrolled'):
+    return config.min_iterations, config.threshold, r
+  if r == 1:
+    r = next(d for d in range(2, k + 1) if k % d == 0) if k > 1 else 1
+  last_test = (k - 1) // r * r
+  return max(last_test - 1, 0), 0.0, r
+
+
+def _point_problem(x, y, config):
+  """The point-cloud view of a problem, for the initializers: ||x/sqrt2 - y/sqrt2||^2 = 1 - x.y
+  for unit vectors. x (M, C), y (N, C)."""
+  scale = jnp.sqrt(jnp.asarray(2.0, x.dtype))
+  geom = pointcloud.PointCloud(x / scale, y / scale, cost_fn=costs.SqEuclidean(),
+                               epsilon=config.epsilon)
+  return linear_problem.LinearProblem(geom, tau_a=config.tau_a, tau_b=config.tau_b)
+
+
+def _initial_potentials(config, prob_points):
+  """ott's Sinkhorn initializer on the point-cloud problem; None for 'default' (zeros)."""
+  if config.initializer == 'default':
+    return None
+  if config.initializer == 'gaussian':
+    init = initializers.GaussianInitializer()
+  else:
+    n = prob_points.geom.y.shape[0]
+    init = initializers.SubsampleInitializer(
+        # The subsampled geometry keeps this problem's epsilon and cost.
+        config.subsample_n_x, n if config.subsample_n_y is None else config.subsample_n_y)
+  # A fixed key: the same subsample for every problem and step (ours; deterministic).
+  return jax.lax.stop_gradient(
+      init(prob_points, lse_mode=config.lse_mode, rng=jax.random.PRNGKey(0)))
+
+
+def _lr_solve(c, config, points):
+  """ott's LRSinkhorn on one (M, N) cost; plan (M, N) and info."""
+  m, n = c.shape
+  if config.lr_rank > min(m, n):
+    raise ValueError(f'ot: lr_rank={config.lr_rank} > min(M, N) = min({m}, {n}).')
+  prob = linear_problem.LinearProblem(
+      geometry.Geometry(cost_matrix=c, epsilon=config.epsilon), tau_a=config.tau_a,
+      tau_b=config.tau_b)
+  rank = config.lr_rank
+  if config.lr_initializer == 'random':
+    init = initializers_lr.RandomInitializer(rank)
+  elif config.lr_initializer == 'rank2':
+    init = initializers_lr.Rank2Initializer(rank)
+  else:
+    init = initializers_lr.KMeansInitializer(rank)
+  init_prob = prob if points is None else _point_problem(*points, config)
+  factors = jax.lax.stop_gradient(init(init_prob, rng=jax.random.PRNGKey(0)))
+  solver = sinkhorn_lr.LRSinkhorn(
+      rank=rank, gamma=config.lr_gamma, gamma_rescale=config.lr_gamma_rescale,
+      epsilon=config.epsilon if config.lr_epsilon is None else config.lr_epsilon,
+      lse_mode=config.lse_mode, inner_iterations=config.lr_inner_iterations,
+      threshold=config.lr_threshold, min_iterations=config.min_iterations,
+      max_iterations=config.max_iterations)
+  out = solver(prob, init=factors)
+  last = jnp.maximum(jnp.sum(out.errors != -1) - 1, 0)
+  return out.matrix, dict(iterations=out.n_iters, error=out.errors[last], converged=out.converged)
+
+
+def _ott_solve_fn(config: ml_collections.ConfigDict):
+  """The per-problem ott solve: (cost (M, N)[, x (M, C), y (N, C)]) -> (plan (M, N), info)."""
+  if config.solver == 'lr_sinkhorn':
+    return lambda c, *points: _lr_solve(c, config, points or None)
+
+  min_iterations, threshold, inner_iterations = _fixed_iterations_guard(config)
   solver = sinkhorn.Sinkhorn(
       lse_mode=config.lse_mode,
-      threshold=config.threshold,
+      threshold=threshold,
       norm_error=config.norm_error,
-      min_iterations=config.min_iterations,
+      min_iterations=min_iterations,
       max_iterations=config.max_iterations,
-      inner_iterations=config.inner_iterations,
+      inner_iterations=inner_iterations,
       implicit_diff=(implicit_differentiation.ImplicitDiff()
                      if config.differentiation == 'implicit' else None))
 
   truncated = config.differentiation == 'truncated'
 
-  def solve(c):
+  def solve(c, *points):
     problem = lambda cost: linear_problem.LinearProblem(
         geometry.Geometry(cost_matrix=cost, epsilon=config.epsilon), tau_a=config.tau_a,
         tau_b=config.tau_b)
     prob = problem(c)
-    out = solver(problem(jax.lax.stop_gradient(c)) if truncated else prob)
+    init = _initial_potentials(config, _point_problem(*points, config)) if points else None
+    out = solver(problem(jax.lax.stop_gradient(c)) if truncated else prob, init=init)
     # Errors are recorded every inner_iterations; -1 marks the slots never reached.
     last = jnp.maximum(jnp.sum(out.errors != -1) - 1, 0)
-    info = dict(iterations=out.n_iters, error=out.errors[last], converged=out.converged)
+    # `converged` against the configured threshold (the guard above may hand ott threshold 0).
+    error = out.errors[last]
+    info = dict(iterations=out.n_iters, error=error,
+                converged=jnp.logical_and(~jnp.any(jnp.isnan(out.errors)),
+                                          error < config.threshold))
     if not truncated:
       return out.matrix, info
     # The same g-then-f LSE updates as ott's solver, on the differentiable cost, from the
@@ -225,7 +455,7 @@ def _ott_sinkhorn(cost: jax.Array, config: ml_collections.ConfigDict):
       f = config.tau_a * geom.update_potential(f, g, jnp.log(prob.a), 0, axis=1)
     return geom.transport_from_potentials(f, g), info
 
-  return jax.vmap(solve)(cost)
+  return solve
 
 
 def _reference_sinkhorn(cost: jax.Array, config: ml_collections.ConfigDict):

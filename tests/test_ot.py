@@ -270,3 +270,142 @@ def test_truncated_needs_iterations_and_ott():
     ot.check_config(make_config(differentiation='truncated', backprop_iterations=0))
   with pytest.raises(ValueError, match="only supports differentiation='unrolled'"):
     ot.check_config(make_config(differentiation='truncated', implementation='reference'))
+
+
+def _plain_sinkhorn_plans(cost, iterations, epsilon):
+  """ott's g-then-f LSE updates as a Python loop, differentiated by JAX itself: the exact
+  gradient of `iterations` balanced Sinkhorn iterations, independent of ott's loop VJPs."""
+  from ott.geometry import geometry
+
+  def one(c):
+    geom = geometry.Geometry(cost_matrix=c, epsilon=epsilon)
+    m, n = c.shape
+    f, g = jnp.zeros(m, c.dtype), jnp.zeros(n, c.dtype)
+    for _ in range(iterations):
+      g = geom.update_potential(f, g, jnp.log(jnp.full(n, 1 / n, c.dtype)), 0, axis=0)
+      f = geom.update_potential(f, g, jnp.log(jnp.full(m, 1 / m, c.dtype)), 0, axis=1)
+    return geom.transport_from_potentials(f, g)
+
+  return jax.vmap(one)(cost)
+
+
+def test_fixed_iterations_gradient_guard(cases):
+  """ott 0.6's scan VJP (min == max) is wrong; ot routes fixed iterations through its while loop.
+
+  Measured (float64, 4 cases, 10 iterations): ott's own fixed-iteration VJP is 3.5e-2 relative
+  from the exact one (the plans agree to 4e-17); ours 2e-15. If the first assertion ever fails,
+  ott has fixed the bug and `ot._fixed_iterations_guard` may go.
+  """
+  from ott.geometry import geometry
+  from ott.problems.linear import linear_problem
+  from ott.solvers.linear import sinkhorn
+
+  def ott_as_is(c, k):
+    solver = sinkhorn.Sinkhorn(min_iterations=k, max_iterations=k)
+    return jax.vmap(lambda x: solver(linear_problem.LinearProblem(
+        geometry.Geometry(cost_matrix=x, epsilon=0.05))).matrix)(c)
+
+  with jax.enable_x64(True):
+    cost, ct = jnp.asarray(cases['cost'][:2]), jnp.asarray(cases['cotangent'][:2])
+    vjp = lambda fn: jax.jit(jax.grad(lambda c: jnp.sum(fn(c) * ct)))(cost)
+    for k, inner in ((10, 1), (6, 3)):
+      config = make_config(min_iterations=k, max_iterations=k, inner_iterations=inner)
+      want = vjp(lambda c: _plain_sinkhorn_plans(c, k, 0.05))
+      if inner == 1:
+        assert rel_err(vjp(lambda c: ott_as_is(c, k)), want) > 1e-3  # the bug itself
+      plan, info, (grad,) = solve_and_vjps(cost, [ct], config)
+      np.testing.assert_array_equal(info['iterations'], k)
+      assert rel_err(plan, _plain_sinkhorn_plans(cost, k, 0.05)) < 1e-12
+      assert rel_err(grad, want) < 1e-10
+    # Unbalanced fixed iterations: the VJP against central differences along a random direction.
+    config = make_config(tau_a=0.9, tau_b=0.9, min_iterations=6, max_iterations=6)
+    d = jax.random.normal(jax.random.PRNGKey(0), cost.shape, cost.dtype)
+
+    @jax.jit
+    def directional(c):
+      loss = lambda c: jnp.sum(ot.sinkhorn_plan(c, config) * ct)
+      fd = (loss(c + 1e-6 * d) - loss(c - 1e-6 * d)) / 2e-6
+      return jnp.sum(jax.grad(loss)(c) * d), fd
+
+    np.testing.assert_allclose(*directional(cost), rtol=1e-6)
+  with pytest.raises(ValueError, match='multiple of inner_iterations'):
+    ot.check_config(make_config(min_iterations=10, max_iterations=10, inner_iterations=3))
+
+
+# ---------------------------------------------------------------------------------------------
+# ott ablations: initializers and the low-rank solver, through ot_layers.transport_map
+
+
+def _unit_vectors(c, b=1, k=2, m=32, n=6):
+  from otseg_jax.models import ot_layers
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  pixels = ot_layers.l2_normalize(jax.random.normal(k1, (b, m, c)))
+  prompts = ot_layers.l2_normalize(jax.random.normal(k2, (b, k, n, c)))
+  return pixels, prompts
+
+
+def _map_and_grad(pixels, prompts, config):
+  from otseg_jax.models import ot_layers
+
+  @jax.jit
+  def run(px, pr):
+    fn = lambda px, pr: ot_layers.transport_map(px, pr, config)
+    plan, score, info = fn(px, pr)
+    grads = jax.grad(lambda px, pr: jnp.sum(fn(px, pr)[1] ** 2), argnums=(0, 1))(px, pr)
+    return plan, score, info, grads
+
+  return run(pixels, prompts)
+
+
+@pytest.mark.parametrize('initializer', ['gaussian', 'subsample'])
+def test_point_cloud_initializers_reach_the_same_plan(initializer):
+  """The initializers only warm-start: converged plans equal the default's (C = 4 < N = 6: the
+  Gaussian fit needs more points than dimensions)."""
+  pixels, prompts = _unit_vectors(4)
+  config = make_config(initializer=initializer, subsample_n_x=16, max_iterations=300)
+  plan, _, info, grads = _map_and_grad(pixels, prompts, config)
+  want, _, _, _ = _map_and_grad(pixels, prompts, make_config(max_iterations=300))
+  assert bool(jnp.all(info['converged']))
+  assert rel_err(plan, want) < 1e-3
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+  if initializer == 'gaussian':
+    with pytest.raises(ValueError, match='more points than dimensions'):
+      _map_and_grad(*_unit_vectors(8), config)  # N = 6 <= C = 8
+    with pytest.raises(ValueError, match='needs the point clouds'):
+      ot.sinkhorn_plan(jnp.ones((2, 4, 3)), config)
+
+
+def test_low_rank_sinkhorn_through_transport_map():
+  pixels, prompts = _unit_vectors(8)
+  config = make_config(solver='lr_sinkhorn', lr_rank=2)
+  plan, score, info, grads = _map_and_grad(pixels, prompts, config)
+  assert plan.shape == (1, 2, 32, 6) and score.shape == (1, 32, 2)
+  assert bool(jnp.all(info['converged']))
+  np.testing.assert_allclose(plan.sum((-2, -1)), 1.0, rtol=1e-3)  # lr_threshold 1e-3 (ott default)
+  np.testing.assert_allclose(plan.sum(-2), 1 / 6, atol=1e-3)  # the prompt marginal
+  assert all(int(np.linalg.matrix_rank(np.asarray(p, np.float64), tol=1e-6)) <= 2
+             for p in plan.reshape(-1, 32, 6))
+  assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0 for g in grads)
+  with pytest.raises(ValueError, match='lr_rank=7'):
+    _map_and_grad(pixels, prompts, make_config(solver='lr_sinkhorn', lr_rank=7))
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(solver='greenkhorn'), 'solver'),
+    (dict(initializer='sorting'), 'square'),
+    (dict(initializer='zeros'), 'initializer'),
+    (dict(initializer='subsample', subsample_n_x=0), 'subsample_n_x'),
+    (dict(implementation='reference', initializer='subsample'), "authors' loop"),
+    (dict(implementation='reference', solver='lr_sinkhorn'), "authors' loop"),
+    (dict(solver='lr_sinkhorn', initializer='gaussian'), 'lr_initializer'),
+    (dict(solver='lr_sinkhorn', lr_initializer='generalized-k-means'), 'square'),
+    (dict(solver='lr_sinkhorn', lr_initializer='svd'), 'lr_initializer'),
+    (dict(solver='lr_sinkhorn', differentiation='implicit'), 'unrolled'),
+    (dict(solver='lr_sinkhorn', min_iterations=100), 'min_iterations < max_iterations'),
+    (dict(solver='lr_sinkhorn', lr_gamma_rescale=True), 'lr_gamma_rescale=False'),
+    (dict(solver='lr_sinkhorn', lr_rank=0), 'lr_rank'),
+    (dict(solver='lr_sinkhorn', lr_inner_iterations=7), 'lr_inner_iterations'),
+])
+def test_ablation_config_validation(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    ot.check_config(make_config(**overrides))

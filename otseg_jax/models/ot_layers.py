@@ -35,7 +35,7 @@ def transport_map(pixels: jax.Array, prompts: jax.Array, ot_config: ml_collectio
   Args:
     pixels: (B, M, C), L2-normalised.
     prompts: (B, K, N, C), L2-normalised.
-    ot_config: see `ot.get_config`.
+    ot_config: see `ot.get_config`; every solver and initializer there is reachable here.
 
   Returns:
     plan: (B, K, M, N), one plan per (b, k), each summing to 1 (columns to 1/N).
@@ -44,8 +44,11 @@ def transport_map(pixels: jax.Array, prompts: jax.Array, ot_config: ml_collectio
   """
   m, n = pixels.shape[1], prompts.shape[2]
   sim = jnp.einsum('bmc,bknc->bkmn', pixels, prompts)
+  # The point-cloud initializers (ot.needs_points) see the vectors themselves; the pixels are
+  # shared by the K problems of an image (not broadcast in memory: ot maps size-1 axes).
+  points = (pixels[:, None], prompts) if ot.needs_points(ot_config) else None
   # One call over all B*K problems: the reference's batch-wide stopping rule sees them together.
-  plan, info = ot.sinkhorn_plan_with_info(1.0 - sim, ot_config)
+  plan, info = ot.sinkhorn_plan_with_info(1.0 - sim, ot_config, points)
   score = (m * n) * jnp.einsum('bkmn,bkmn->bmk', plan, sim)
   return plan, score, info
 
