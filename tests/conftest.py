@@ -2,12 +2,24 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get('OTSEG_SHARED', REPO.parent / 'shared'))
+
+
+def run_python(args, timeout=600) -> subprocess.CompletedProcess:
+  """Runs `python ARGS` in the repo root on CPU (train.py, eval.py, -m otseg_jax.predict, ...);
+  fails the test with the end of its output unless it exits 0."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+  return proc
 
 
 def shared_path(*parts: str) -> pathlib.Path:

@@ -2,10 +2,7 @@
 transductive targets, and one run through train.py, eval.py and `python -m otseg_jax.predict`."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +11,7 @@ from PIL import Image
 import pytest
 
 from configs import ldvc as ldvc_configs
+from conftest import run_python
 from otseg_jax import params as params_lib
 from otseg_jax import text_embeddings
 from otseg_jax import tokenizer as tokenizer_lib
@@ -103,19 +101,12 @@ def test_pseudo_labels_pick_unseen_classes_for_unseen_pixels():
   np.testing.assert_array_equal(out, [[[3, 2, 255]]])
 
 
-def _run(args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-  return proc
-
 
 def test_ldvc_trains_evaluates_and_predicts(tmp_path, tiny_synthetic_clip):
   clip_dir, _ = tiny_synthetic_clip
   config = [f'--config={REPO}/configs/ldvc.py:tiny', f'--config.clip={clip_dir}']
   workdir = tmp_path / 'run'
-  proc = _run(['train.py', *config, f'--workdir={workdir}', '--config.num_train_steps=2',
+  proc = run_python(['train.py', *config, f'--workdir={workdir}', '--config.num_train_steps=2',
                '--config.checkpoint_every_steps=2', '--config.eval_every_steps=-1'])
   assert 'method ldvc' in proc.stderr
   metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -135,7 +126,7 @@ def test_ldvc_trains_evaluates_and_predicts(tmp_path, tiny_synthetic_clip):
   np.testing.assert_allclose(trained['text_encoder/deep_prompts'], hidden[:1, 0, 1:], atol=1e-3)
   assert not np.allclose(trained['text_encoder/deep_prompts'], hidden[:1, 0, 1:], atol=1e-8)
 
-  proc = _run(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}',
+  proc = run_python(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}',
                '--config.eval.max_images=4'])
   results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
   assert 0 <= results['mIoU'] <= 100
@@ -144,7 +135,7 @@ def test_ldvc_trains_evaluates_and_predicts(tmp_path, tiny_synthetic_clip):
   # (5 x 4) the 2 x 2 windows do not divide.
   image = tmp_path / 'a.png'
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
-  _run(['-m', 'otseg_jax.predict', '--checkpoint', str(workdir), '--image', str(image),
+  run_python(['-m', 'otseg_jax.predict', '--checkpoint', str(workdir), '--image', str(image),
         '--classes', 'red stripes,blue dots,green', '--clip', str(clip_dir),
         '--short_side', '32', '--out', str(tmp_path / 'pred')])
   mask = np.asarray(Image.open(tmp_path / 'pred' / 'a_mask.png'))

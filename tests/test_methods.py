@@ -3,9 +3,7 @@ that lives in the tests folder trains, evaluates and predicts through train.py, 
 `python -m otseg_jax.predict` (tests/linear_probe_method.py, tests/linear_probe_config.py)."""
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -15,7 +13,7 @@ import pytest
 
 import clip_testing as ct
 from configs import tiny
-from conftest import shared_path
+from conftest import run_python, shared_path
 from otseg_jax import classes
 from otseg_jax import params as params_lib
 from otseg_jax import text_embeddings
@@ -125,21 +123,11 @@ def test_coop_text_with_several_prompts_is_one_tower_call_per_context(tiny_clip)
 # A second method through the real entry points, with no edit outside its two files.
 
 
-def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=str(REPO))
-
-
-def _run(args, timeout=600):
-  proc = subprocess.run([sys.executable, *args], env=_env(), cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-  return proc
-
 
 def test_a_second_method_trains_evaluates_and_predicts(tmp_path, tiny_clip):
   config = [f'--config={REPO}/tests/linear_probe_config.py', f'--config.clip={tiny_clip}']
   workdir = tmp_path / 'run'
-  proc = _run(['train.py', *config, f'--workdir={workdir}', '--config.num_train_steps=4',
+  proc = run_python(['train.py', *config, f'--workdir={workdir}', '--config.num_train_steps=4',
                '--config.checkpoint_every_steps=4'])
   assert 'method tests.linear_probe_method' in proc.stderr
   results = json.loads((workdir / 'eval' / 'results.json').read_text())
@@ -157,14 +145,14 @@ def test_a_second_method_trains_evaluates_and_predicts(tmp_path, tiny_clip):
   assert 'train/logits.loss_mask' in metrics[0]
 
   # eval.py reproduces the final evaluation of the run.
-  proc = _run(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}'])
+  proc = run_python(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}'])
   again = json.loads((tmp_path / 'eval' / 'results.json').read_text())
   assert again['per_class'] == results['per_class']
 
   # predict: any names, learned text computed once for them.
   image = tmp_path / 'a.png'
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
-  _run(['-m', 'otseg_jax.predict', '--checkpoint', str(workdir), '--image', str(image),
+  run_python(['-m', 'otseg_jax.predict', '--checkpoint', str(workdir), '--image', str(image),
         '--classes', 'red stripes,blue stripes,grass', '--clip', str(tiny_clip),
         '--short_side', '32', '--out', str(tmp_path / 'pred')])
   mask = np.asarray(Image.open(tmp_path / 'pred' / 'a_mask.png'))

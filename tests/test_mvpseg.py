@@ -3,10 +3,7 @@ gradients, and a run through train.py (inductive, then MVP-SEG+), eval.py and pr
 
 import functools
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +12,7 @@ from PIL import Image
 import pytest
 
 from configs import mvpseg as mvpseg_config
+from conftest import run_python
 from otseg_jax import losses
 from otseg_jax import models
 from otseg_jax import params as params_lib
@@ -270,13 +268,6 @@ def test_config_variants():
 # train.py (inductive, then MVP-SEG+ from it), eval.py and predict on the tiny config.
 
 
-def _run(args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-  return proc
-
 
 def test_trains_then_self_trains_evaluates_and_predicts(tmp_path, tiny_synthetic_clip):
   clip_dir, _ = tiny_synthetic_clip
@@ -284,7 +275,7 @@ def test_trains_then_self_trains_evaluates_and_predicts(tmp_path, tiny_synthetic
   base = [f'--config.clip={clip_dir}']
   inductive = tmp_path / 'inductive'
   # No final evaluation here (eval_every_steps -1): the MVP-SEG+ run below evaluates.
-  proc = _run(['train.py', f'--config={REPO}/configs/mvpseg.py:tiny', *base,
+  proc = run_python(['train.py', f'--config={REPO}/configs/mvpseg.py:tiny', *base,
                f'--workdir={inductive}', '--config.eval_every_steps=-1'])
   assert 'method mvpseg' in proc.stderr
   metrics = [json.loads(line) for line in (inductive / 'metrics.jsonl').read_text().splitlines()]
@@ -302,7 +293,7 @@ def test_trains_then_self_trains_evaluates_and_predicts(tmp_path, tiny_synthetic
   # MVP-SEG+: transductive self-training from the inductive run, 2 steps.
   plus = tmp_path / 'plus'
   config = [f'--config={REPO}/configs/mvpseg.py:tiny:plus', *base]
-  _run(['train.py', *config, f'--workdir={plus}', f'--config.init_from={inductive}',
+  run_python(['train.py', *config, f'--workdir={plus}', f'--config.init_from={inductive}',
         '--config.num_train_steps=2'])
   results = json.loads((plus / 'eval' / 'results.json').read_text())
   assert results['num_images'] == 16 and 0 <= results['hIoU'] <= 100
@@ -310,14 +301,14 @@ def test_trains_then_self_trains_evaluates_and_predicts(tmp_path, tiny_synthetic
   assert not np.array_equal(again['prompt_learner/context'], trained['prompt_learner/context'])
 
   # eval.py reproduces the run's final evaluation.
-  _run(['eval.py', *config, f'--checkpoint={plus}', f'--outdir={tmp_path / "eval"}'])
+  run_python(['eval.py', *config, f'--checkpoint={plus}', f'--outdir={tmp_path / "eval"}'])
   assert json.loads((tmp_path / 'eval' / 'results.json').read_text())['per_class'] == \
       results['per_class']
 
   # predict: any names, learned text computed once for them.
   image = tmp_path / 'a.png'
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
-  _run(['-m', 'otseg_jax.predict', '--checkpoint', str(plus), '--image', str(image),
+  run_python(['-m', 'otseg_jax.predict', '--checkpoint', str(plus), '--image', str(image),
         '--classes', 'red horizontal stripes,blue vertical stripes', '--clip', str(clip_dir),
         '--short_side', '32', '--out', str(tmp_path / 'pred')])
   mask = np.asarray(Image.open(tmp_path / 'pred' / 'a_mask.png'))

@@ -5,10 +5,7 @@ config with both CLIP towers untouched."""
 
 import functools
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +16,7 @@ from PIL import Image
 import pytest
 
 from configs import zegot as zegot_configs
+from conftest import run_python
 from otseg_jax import losses
 from otseg_jax import models
 from otseg_jax import params as params_lib
@@ -242,19 +240,12 @@ def test_learned_prompt_gradient_matches_finite_differences(tiny_params):
 # train.py, eval.py and predict on the tiny config: only the prompts and the head train.
 
 
-def _run(args, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=str(REPO))
-  proc = subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True,
-                        text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-  return proc
-
 
 def test_zegot_trains_with_frozen_clip_evaluates_and_predicts(tmp_path, tiny_synthetic_clip):
   clip_dir, _ = tiny_synthetic_clip
   config = [f'--config={REPO}/configs/zegot.py:tiny', f'--config.clip={clip_dir}']
   workdir = tmp_path / 'run'
-  proc = _run(['train.py', *config, f'--workdir={workdir}', '--config.num_train_steps=3',
+  proc = run_python(['train.py', *config, f'--workdir={workdir}', '--config.num_train_steps=3',
                '--config.checkpoint_every_steps=3', '--config.log_every_steps=1'])
   assert 'method zegot' in proc.stderr
   results = json.loads((workdir / 'eval' / 'results.json').read_text())
@@ -277,12 +268,12 @@ def test_zegot_trains_with_frozen_clip_evaluates_and_predicts(tmp_path, tiny_syn
                                                   'decode_head/'))} == {'prompt_learner/context'}
 
   # eval.py reproduces the run's evaluation; predict computes the learned text for any names.
-  _run(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}'])
+  run_python(['eval.py', *config, f'--checkpoint={workdir}', f'--outdir={tmp_path / "eval"}'])
   again = json.loads((tmp_path / 'eval' / 'results.json').read_text())
   assert again['per_class'] == results['per_class']
   image = tmp_path / 'a.png'
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8)).save(image)
-  _run(['-m', 'otseg_jax.predict', '--checkpoint', str(workdir), '--image', str(image),
+  run_python(['-m', 'otseg_jax.predict', '--checkpoint', str(workdir), '--image', str(image),
         '--classes', 'red horizontal stripes,blue vertical stripes', '--clip', str(clip_dir),
         '--short_side', '32', '--out', str(tmp_path / 'pred')])
   mask = np.asarray(Image.open(tmp_path / 'pred' / 'a_mask.png'))
