@@ -169,8 +169,14 @@ def _setup(config):
 
 
 def train_figure(config, batch_per_device: int, steps: int, warmup: int,
-                 peak_tflops: float | None = None) -> dict[str, Any]:
-  """Times `trainer.train_step` at `config` on random data; a dict of figures."""
+                 peak_tflops: float | None = None, donate: bool = True,
+                 on_compiled=None) -> dict[str, Any]:
+  """Times `trainer.train_step` at `config` on random data; a dict of figures.
+
+  `donate`: the state's buffers are donated to the step, as the trainer does; False measures
+  what that saves. `on_compiled()` is called between compilation and the timed steps
+  (`bench_memory.py` tells the two peaks apart with it).
+  """
   n_dev, s, k_train, _, replicated, data, _, model = _setup(config)
   batch = batch_per_device * n_dev
   text = _random_text(config, k_train)
@@ -194,11 +200,13 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
   loss_fn = functools.partial(getattr(losses, config.loss.name), **loss_kwargs)
   step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, loss_fn=loss_fn),
                  in_shardings=(replicated, data, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0 if donate else ())
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays, text).compile()
   compile_s = time.perf_counter() - start
   flops = (compiled.cost_analysis() or {}).get('flops')
+  if on_compiled:
+    on_compiled()
 
   def run_step():
     nonlocal state
@@ -211,7 +219,7 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
   model_flops = tower_flops(config, batch, train=True)
   return dict(
       dtype=dtype, remat=config.model.backbone.get('remat', 'none'),
-      attention=getattr(model, 'backbone_attention', config.model.backbone.get('attention')),
+      attention=model.vision_tower['attention'],
       batch=batch, image_size=s, classes=k_train, step_ms=seconds * 1e3,
       images_per_s=batch / seconds, compile_s=compile_s, memory_gb=_memory_gb(compiled),
       model_tflops=model_flops / seconds / 1e12,
@@ -242,7 +250,7 @@ def eval_figure(config, windows_per_device: int, steps: int, warmup: int,
   model_flops = tower_flops(config, windows, train=False)
   return dict(
       dtype=config.model.get('dtype', 'float32'),
-      attention=getattr(model, 'backbone_attention', config.model.backbone.get('attention')),
+      attention=model.vision_tower['attention'],
       windows=windows,
       image_size=s, classes=num_classes, windows_per_s=windows / seconds,
       compile_s=compile_s, memory_gb=_memory_gb(compiled),

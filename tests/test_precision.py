@@ -103,7 +103,7 @@ def test_auto_attention_is_chunked_on_cpu():
     pytest.skip('the CPU choice')
   assert otseg.resolve_attention('auto', jnp.float32) == 'chunked'
   assert otseg.resolve_attention('auto', jnp.bfloat16) == 'chunked'
-  assert otseg.model_from_config(otseg.get_config('voc')).backbone_attention == 'chunked'
+  assert otseg.model_from_config(otseg.get_config('voc')).vision_tower['attention'] == 'chunked'
 
 
 def _dump_model(dump, dtype):

@@ -107,9 +107,7 @@ def text_tower(config: ml_collections.ConfigDict, dtype: Dtype = jnp.float32
 
 def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) -> 'LDVC':
   """The `LDVC` module of `config` (see `get_config`); `dtype` overrides `config.dtype`."""
-  dtype = jnp.dtype(dtype or config.get('dtype', 'float32'))
-  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float64):
-    raise ValueError(f"config.model.dtype={dtype.name!r}: use 'float32' or 'bfloat16'.")
+  dtype = otseg.compute_dtype(config, dtype)
   h = config.head
   if h.decoder_layers < 1:
     raise ValueError(f'config.model.head.decoder_layers={h.decoder_layers}: need at least 1.')
@@ -119,9 +117,8 @@ def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) ->
   if not 0 <= p.depth <= config.text_tower.layers:
     raise ValueError(f'config.model.text_prompts.depth={p.depth}: use 0 .. the text tower\'s '
                      f'{config.text_tower.layers} layers.')
-  attention = otseg.resolve_attention(config.backbone.get('attention', 'auto'), dtype)
-  return LDVC(config=ml_collections.FrozenConfigDict(config), backbone_attention=attention,
-              dtype=dtype)
+  return LDVC(config=ml_collections.FrozenConfigDict(config),
+              vision_tower=otseg.vision_tower_fields(config, dtype), dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,20 +323,14 @@ class LDVCHead(nn.Module):
 class LDVC(nn.Module):
   """Deep-prompted CLIP towers + `LDVCHead` + bilinear upsampling to the input size."""
   config: Any  # the model config, frozen
-  backbone_attention: str = 'chunked'
+  vision_tower: Any  # clip.VisionTransformer's keyword arguments (otseg.vision_tower_fields)
   dtype: Dtype = jnp.float32
 
   def setup(self):
     c = self.config
     b = c.backbone
-    self.backbone = clip.VisionTransformer(
-        patch_size=b.patch_size, width=b.width, layers=b.layers, heads=b.heads,
-        output_dim=b.output_dim, image_size=c.image_size,
-        num_prompt_tokens=b.num_prompt_tokens, prompt_depth=b.prompt_depth,
-        prompt_dropout=b.prompt_dropout, double_class_embedding=True,
-        attention_query_chunk=b.attention_query_chunk, attention=self.backbone_attention,
-        remat=b.get('remat', 'none'), mlp_dim=b.get('mlp_dim', 0),
-        activation=b.get('activation', 'quick_gelu'), dtype=self.dtype)
+    self.backbone = clip.VisionTransformer(**self.vision_tower, double_class_embedding=True,
+                                           dtype=self.dtype)
     self.text_encoder = DeepPromptText(text=text_tower(c, self.dtype),
                                        length=c.text_prompts.length, depth=c.text_prompts.depth)
     h = c.head

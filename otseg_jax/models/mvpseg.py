@@ -106,7 +106,7 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
 
 def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) -> 'MVPSeg':
   """The `MVPSeg` module described by `config` (see `get_config`)."""
-  dtype = jnp.dtype(dtype or config.get('dtype', 'float32'))
+  dtype = otseg.compute_dtype(config, dtype)
   if config.num_views < 1:
     raise ValueError(f'config.model.num_views={config.num_views}: need at least 1 view.')
   if config.ocloss_on not in ('prompts', 'text'):
@@ -116,20 +116,9 @@ def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) ->
     raise ValueError(f'config.model.text_template has {placeholders} placeholder X tokens but '
                      f'prompt_length={config.prompt_length}: set both (the template needs one X '
                      'per learned vector).')
-  b, t = config.backbone, config.text_tower
   return MVPSeg(
-      image_size=config.image_size,
-      patch_size=b.patch_size, width=b.width, layers=b.layers, heads=b.heads,
-      output_dim=b.output_dim,
-      num_prompt_tokens=b.num_prompt_tokens if config.hosted else 0,
-      prompt_depth=b.prompt_depth if config.hosted else 0,
-      prompt_dropout=b.prompt_dropout if config.hosted else 0.0,
-      attention_query_chunk=b.attention_query_chunk,
-      backbone_attention=otseg.resolve_attention(b.get('attention', 'auto'), dtype),
-      remat=b.get('remat', 'none'), mlp_dim=b.get('mlp_dim', 0),
-      activation=b.get('activation', 'quick_gelu'),
-      vocab_size=t.vocab_size, context_length=t.context_length, text_width=t.width,
-      text_layers=t.layers, text_heads=t.heads, text_mlp_dim=t.get('mlp_dim', 0),
+      vision_tower=otseg.vision_tower_fields(config, dtype, prompts=config.hosted),
+      text_tower=ml_collections.FrozenConfigDict(config.text_tower),
       num_views=config.num_views, prompt_length=config.prompt_length,
       tau1=config.tau1, tau2=config.tau2, learn_tau2=config.learn_tau2, gamma=config.gamma,
       ocloss_on=config.ocloss_on, dtype=dtype)
@@ -222,17 +211,8 @@ def pseudo_labels(maps: Mapping[str, jax.Array], labels: jax.Array, seen: np.nda
 
 class MVPSeg(nn.Module):
   """Frozen CLIP image tower + V = 1 + k learned prompts through the frozen text tower."""
-  image_size: int
-  patch_size: int
-  width: int
-  layers: int
-  heads: int
-  output_dim: int
-  vocab_size: int
-  context_length: int
-  text_width: int
-  text_layers: int
-  text_heads: int
+  vision_tower: Any  # clip.VisionTransformer's keyword arguments (otseg.vision_tower_fields)
+  text_tower: Any  # vocab_size, context_length, width, layers, heads, mlp_dim of CLIP's
   num_views: int
   prompt_length: int
   tau1: float
@@ -240,31 +220,16 @@ class MVPSeg(nn.Module):
   learn_tau2: bool = True
   gamma: float = 1.0
   ocloss_on: str = 'prompts'
-  num_prompt_tokens: int = 0
-  prompt_depth: int = 0
-  prompt_dropout: float = 0.0
-  attention_query_chunk: int = 0
-  backbone_attention: str = 'chunked'
-  remat: str = 'none'
-  mlp_dim: int = 0
-  activation: str = 'quick_gelu'
-  text_mlp_dim: int = 0
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.backbone = clip.VisionTransformer(
-        patch_size=self.patch_size, width=self.width, layers=self.layers, heads=self.heads,
-        output_dim=self.output_dim, image_size=self.image_size,
-        num_prompt_tokens=self.num_prompt_tokens, prompt_depth=self.prompt_depth,
-        prompt_dropout=self.prompt_dropout, attention_query_chunk=self.attention_query_chunk,
-        attention=self.backbone_attention, remat=self.remat, mlp_dim=self.mlp_dim,
-        activation=self.activation, dtype=self.dtype)
+    v, t = self.vision_tower, self.text_tower
+    self.backbone = clip.VisionTransformer(**v, dtype=self.dtype)
     self.prompt_learner = prompt_learner.CoOpText(
         text=clip.TextTransformer(
-            vocab_size=self.vocab_size, context_length=self.context_length,
-            width=self.text_width, layers=self.text_layers, heads=self.text_heads,
-            output_dim=self.output_dim, mlp_dim=self.text_mlp_dim, activation=self.activation,
-            dtype=self.dtype),
+            vocab_size=t.vocab_size, context_length=t.context_length, width=t.width,
+            layers=t.layers, heads=t.heads, output_dim=v['output_dim'],
+            mlp_dim=t.get('mlp_dim', 0), activation=v['activation'], dtype=self.dtype),
         num_context=self.prompt_length, num_prompts=1 + self.num_views)
     # Temperatures as logs: positive whatever the updates.
     self.log_tau1 = self.param('log_tau1', nn.initializers.constant(np.log(self.tau1)), ())
@@ -297,9 +262,10 @@ class MVPSeg(nn.Module):
         'dense' (B, h, w, C) the normalised features, 'tau1', 'tau2' ().
     """
     t = text['text']
-    if t.ndim != 3 or t.shape[1] != 1 + self.num_views or t.shape[-1] != self.output_dim:
-      raise ValueError(f'text has shape {t.shape}, expected (K, {1 + self.num_views}, '
-                       f'{self.output_dim}): classes x (1 + num_views) x embedding dim.')
+    c = self.vision_tower['output_dim']
+    if t.ndim != 3 or t.shape[1] != 1 + self.num_views or t.shape[-1] != c:
+      raise ValueError(f'text has shape {t.shape}, expected (K, {1 + self.num_views}, {c}): '
+                       'classes x (1 + num_views) x embedding dim.')
     _, dense, _ = self.backbone(images, train=train)
     dense = ot_layers.l2_normalize(ot_layers.at_least_f32(dense))
     views = view_masks(dense, t.astype(dense.dtype))

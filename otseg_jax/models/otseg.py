@@ -23,6 +23,7 @@ next to this one.
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,34 +128,49 @@ def resolve_attention(attention: str, dtype: Dtype) -> str:
   return 'xla'
 
 
+def compute_dtype(config: ml_collections.ConfigDict, dtype: Dtype = None) -> jnp.dtype:
+  """A method's compute dtype: `dtype` if given (the parity checks run in float64), else
+  `config.dtype`; a clear error for anything but float32 / bfloat16 (/ float64)."""
+  dtype = jnp.dtype(dtype or config.get('dtype', 'float32'))
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float64):
+    raise ValueError(f"config.model.dtype={dtype.name!r}: use 'float32' or 'bfloat16'.")
+  return dtype
+
+
+def vision_tower_fields(config: ml_collections.ConfigDict, dtype: Dtype, *,
+                        prompts: bool = True) -> flax.core.FrozenDict:
+  """`clip.VisionTransformer`'s keyword arguments from a method's model config.
+
+  Every method builds its image tower from the same `config.backbone` fields and
+  `config.image_size`, with the attention resolved for this platform (`resolve_attention`).
+  `prompts=False` (or a backbone without the fields): no deep visual prompts, a plain CLIP tower.
+  The caller adds what is its own (`double_class_embedding`, `hidden_layers`, `dtype`).
+  """
+  b = config.backbone
+  return flax.core.FrozenDict(
+      patch_size=b.patch_size, width=b.width, layers=b.layers, heads=b.heads,
+      output_dim=b.output_dim, image_size=config.image_size,
+      num_prompt_tokens=b.get('num_prompt_tokens', 0) if prompts else 0,
+      prompt_depth=b.get('prompt_depth', 0) if prompts else 0,
+      prompt_dropout=b.get('prompt_dropout', 0.0) if prompts else 0.0,
+      attention_query_chunk=b.get('attention_query_chunk', 0),
+      attention=resolve_attention(b.get('attention', 'auto'), dtype),
+      remat=b.get('remat', 'none'), mlp_dim=b.get('mlp_dim', 0),
+      activation=b.get('activation', 'quick_gelu'))
+
+
 def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) -> 'OTSeg':
   """The `OTSeg` module described by `config` (see `get_config`).
 
   `dtype` overrides `config.dtype` (the parity checks run the model in float64).
   """
-  dtype = jnp.dtype(dtype or config.get('dtype', 'float32'))
-  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float64):
-    raise ValueError(f"config.model.dtype={dtype.name!r}: use 'float32' or 'bfloat16'.")
+  dtype = compute_dtype(config, dtype)
   if config.head.attention not in ('mpsa', 'softmax'):
     raise ValueError(f"config.head.attention={config.head.attention!r}: use 'mpsa' or 'softmax'.")
   if config.head.decoder_layers < 1:
     raise ValueError(f'config.head.decoder_layers={config.head.decoder_layers}: need at least 1.')
-  b = config.backbone
   return OTSeg(
-      image_size=config.image_size,
-      patch_size=b.patch_size,
-      width=b.width,
-      layers=b.layers,
-      heads=b.heads,
-      output_dim=b.output_dim,
-      num_prompt_tokens=b.num_prompt_tokens,
-      prompt_depth=b.prompt_depth,
-      prompt_dropout=b.prompt_dropout,
-      attention_query_chunk=b.attention_query_chunk,
-      backbone_attention=resolve_attention(b.get('attention', 'auto'), dtype),
-      remat=b.get('remat', 'none'),
-      mlp_dim=b.get('mlp_dim', 0),
-      activation=b.get('activation', 'quick_gelu'),
+      vision_tower=vision_tower_fields(config, dtype),
       decoder_layers=config.head.decoder_layers,
       num_heads=config.head.num_heads,
       attention=config.head.attention,
@@ -320,21 +336,8 @@ class OTSegHead(nn.Module):
 
 class OTSeg(nn.Module):
   """VPT-CLIP image tower + `OTSegHead` + bilinear upsampling to the input size."""
-  image_size: int
-  patch_size: int
-  width: int
-  layers: int
-  heads: int
-  output_dim: int
-  num_prompt_tokens: int
-  prompt_depth: int
+  vision_tower: Any  # clip.VisionTransformer's keyword arguments (`vision_tower_fields`)
   ot_config: Any
-  prompt_dropout: float = 0.0
-  attention_query_chunk: int = 0
-  backbone_attention: str = 'chunked'
-  remat: str = 'none'
-  mlp_dim: int = 0
-  activation: str = 'quick_gelu'
   decoder_layers: int = 3
   num_heads: int = 8
   attention: str = 'mpsa'
@@ -343,15 +346,10 @@ class OTSeg(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.backbone = clip.VisionTransformer(
-        patch_size=self.patch_size, width=self.width, layers=self.layers, heads=self.heads,
-        output_dim=self.output_dim, image_size=self.image_size,
-        num_prompt_tokens=self.num_prompt_tokens, prompt_depth=self.prompt_depth,
-        prompt_dropout=self.prompt_dropout, double_class_embedding=True,
-        attention_query_chunk=self.attention_query_chunk, attention=self.backbone_attention,
-        remat=self.remat, mlp_dim=self.mlp_dim, activation=self.activation, dtype=self.dtype)
+    self.backbone = clip.VisionTransformer(**self.vision_tower, double_class_embedding=True,
+                                           dtype=self.dtype)
     self.decode_head = OTSegHead(
-        embed_dims=self.output_dim, ot_config=self.ot_config,
+        embed_dims=self.vision_tower['output_dim'], ot_config=self.ot_config,
         decoder_layers=self.decoder_layers, num_heads=self.num_heads, attention=self.attention,
         use_mps=self.use_mps, dropout=self.dropout, dtype=self.dtype)
 

@@ -117,9 +117,7 @@ def get_config(name: str = 'voc') -> ml_collections.ConfigDict:
 def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) -> 'ZegOT':
   """The `ZegOT` module described by `config` (see `get_config`); `dtype` overrides config.dtype
   (the gradient checks run in float64)."""
-  dtype = jnp.dtype(dtype or config.get('dtype', 'float32'))
-  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float64):
-    raise ValueError(f"config.model.dtype={dtype.name!r}: use 'float32' or 'bfloat16'.")
+  dtype = otseg.compute_dtype(config, dtype)
   if config.head.attention not in ('mpsa', 'softmax'):
     raise ValueError(f"config.head.attention={config.head.attention!r}: use 'mpsa' or 'softmax'.")
   if config.head.decoder_layers < 1:
@@ -133,21 +131,11 @@ def model_from_config(config: ml_collections.ConfigDict, dtype: Dtype = None) ->
     raise ValueError(f'config.model.text_template={config.text_template!r} must start with '
                      f'num_context={config.num_context} placeholders X.')
   return ZegOT(
-      image_size=config.image_size,
-      patch_size=b.patch_size,
-      width=b.width,
-      layers=b.layers,
-      heads=b.heads,
-      output_dim=b.output_dim,
+      vision_tower=otseg.vision_tower_fields(config, dtype, prompts=False),
       text_tower=ml_collections.FrozenConfigDict(config.text_tower),
       num_context=config.num_context,
       num_prompts=config.num_prompts,
       feature_layers=tuple(sorted(layers)),
-      attention_query_chunk=b.attention_query_chunk,
-      backbone_attention=otseg.resolve_attention(b.get('attention', 'auto'), dtype),
-      remat=b.get('remat', 'none'),
-      mlp_dim=b.get('mlp_dim', 0),
-      activation=b.get('activation', 'quick_gelu'),
       decoder_layers=config.head.decoder_layers,
       num_heads=config.head.num_heads,
       attention=config.head.attention,
@@ -203,22 +191,12 @@ def fuse_layer_scores(scores: jax.Array) -> jax.Array:
 
 class ZegOT(nn.Module):
   """Frozen CLIP towers + CoOp prompts + OTSeg's head (no MPS path) + per-layer MPS + fusion."""
-  image_size: int
-  patch_size: int
-  width: int
-  layers: int
-  heads: int
-  output_dim: int
+  vision_tower: Any  # clip.VisionTransformer's keyword arguments (otseg.vision_tower_fields)
   text_tower: Any  # vocab_size, context_length, width, layers, heads, mlp_dim of CLIP's
   num_context: int
   num_prompts: int
   feature_layers: Sequence[int]
   ot_config: Any
-  attention_query_chunk: int = 0
-  backbone_attention: str = 'chunked'
-  remat: str = 'none'
-  mlp_dim: int = 0
-  activation: str = 'quick_gelu'
   decoder_layers: int = 3
   num_heads: int = 8
   attention: str = 'softmax'
@@ -226,22 +204,19 @@ class ZegOT(nn.Module):
   dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.backbone = clip.VisionTransformer(
-        patch_size=self.patch_size, width=self.width, layers=self.layers, heads=self.heads,
-        output_dim=self.output_dim, image_size=self.image_size,
-        hidden_layers=tuple(self.feature_layers), project_hidden=True,
-        attention_query_chunk=self.attention_query_chunk, attention=self.backbone_attention,
-        remat=self.remat, mlp_dim=self.mlp_dim, activation=self.activation, dtype=self.dtype)
+    v = self.vision_tower
+    self.backbone = clip.VisionTransformer(**v, hidden_layers=tuple(self.feature_layers),
+                                           project_hidden=True, dtype=self.dtype)
     t = self.text_tower
     # Built here so that its parameters live under prompt_learner/text (CLIP's 'text' tower).
     text = clip.TextTransformer(
         vocab_size=t.vocab_size, context_length=t.context_length, width=t.width,
-        layers=t.layers, heads=t.heads, output_dim=self.output_dim, mlp_dim=t.get('mlp_dim', 0),
-        activation=self.activation, dtype=self.dtype)
+        layers=t.layers, heads=t.heads, output_dim=v['output_dim'], mlp_dim=t.get('mlp_dim', 0),
+        activation=v['activation'], dtype=self.dtype)
     self.prompt_learner = prompt_learner.CoOpText(
         text=text, num_context=self.num_context, num_prompts=self.num_prompts)
     self.decode_head = otseg.OTSegHead(
-        embed_dims=self.output_dim, ot_config=self.ot_config,
+        embed_dims=v['output_dim'], ot_config=self.ot_config,
         decoder_layers=self.decoder_layers, num_heads=self.num_heads, attention=self.attention,
         use_mps=False, dropout=self.dropout, dtype=self.dtype)
 
