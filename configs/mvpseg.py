@@ -21,6 +21,7 @@ import ml_collections
 
 from configs import common
 from configs import synthetic
+from configs import tiny
 from otseg_jax.data import synthetic_clip
 from otseg_jax.models import mvpseg
 
@@ -36,15 +37,6 @@ def parse_arg(arg: str | None) -> tuple[str, bool, bool]:
   return dataset, 'plus' in flags, 'hosted' in flags
 
 
-def synthetic_vocab_size() -> int:
-  """The vocabulary size of the synthetic world's tokenizer (`synthetic_clip.write_tokenizer`),
-  which fixes the text tower's embedding table."""
-  merges = synthetic_clip.learn_bpe(synthetic_clip.corpus_words())
-  base = list(synthetic_clip.bytes_to_unicode().values())
-  tokens = base + [b + '</w>' for b in base] + [a + b for a, b in merges]
-  return len(set(tokens)) + 2  # + SOT, EOT
-
-
 def _fit_tiny_clip(model: ml_collections.ConfigDict, clip: synthetic_clip.PretrainConfig,
                    prompt_length: int) -> None:
   """model fields for a CLIP of `synthetic_clip` (architecture and tokenizer)."""
@@ -53,8 +45,9 @@ def _fit_tiny_clip(model: ml_collections.ConfigDict, clip: synthetic_clip.Pretra
                         layers=clip.vision_layers, heads=clip.vision_heads,
                         output_dim=clip.embed_dim, num_prompt_tokens=4, prompt_depth=2,
                         prompt_dropout=0.1)  # the hosted prompts: configs/synthetic.py's
-  model.text_tower.update(vocab_size=synthetic_vocab_size(), context_length=clip.context_length,
-                          width=clip.text_width, layers=clip.text_layers, heads=clip.text_heads)
+  model.text_tower.update(vocab_size=len(synthetic_clip.vocabulary()[0]),
+                          context_length=clip.context_length, width=clip.text_width,
+                          layers=clip.text_layers, heads=clip.text_heads)
   # The tiny CLIP saw captions of up to ~14 tokens: 16 vectors would put the class names at
   # positions its pretraining never trained.
   model.prompt_length = prompt_length  # ours (L)
@@ -84,25 +77,13 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 500
   else:  # tiny: conftest.tiny_synthetic_clip's sizes
     config = synthetic.world_config(setting)
-    config.data.synthetic = dict(image_size=32, num_train=1024, num_val=16, seed=0)
-    config.data.num_threads = 1
+    tiny.shrink(config)
+    config.num_train_steps = 4
     config.clip = ''  # set --config.clip=DIR of a tiny synthetic CLIP
     config.model = mvpseg.get_config('voc')
-    _fit_tiny_clip(config.model, synthetic_clip.PretrainConfig(
-        image_size=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-        text_layers=1, text_heads=2, embed_dim=32), prompt_length=4)
+    _fit_tiny_clip(config.model, synthetic_clip.PretrainConfig(**tiny.CLIP), prompt_length=4)
     # One block: no deeper block for deep prompts, the shallow ones only.
     config.model.backbone.update(num_prompt_tokens=2, prompt_depth=0)
-    config.batch_size = 8
-    config.num_train_steps = 4
-    config.optimizer.lr = 1e-4
-    config.schedule.warmup_steps = 100
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.async_checkpointing = False
-    config.tensorboard = False
-    config.eval.crop_size = config.eval.stride = 32
-    config.eval.num_overlays = 2
 
   config.model.hosted = hosted
   config.setting = setting

@@ -18,6 +18,7 @@ give are marked `# ours` here and in zegot.get_config.
 
 from configs import common
 from configs import synthetic
+from configs import tiny
 from otseg_jax.data import synthetic_clip
 from otseg_jax.models import zegot
 
@@ -64,12 +65,6 @@ def dataset_config(dataset: str, setting: str):
   return config
 
 
-def synthetic_vocab_size() -> int:
-  """The vocabulary of the synthetic world's BPE (synthetic_clip.write_tokenizer's layout: the
-  256 byte characters, the same with '</w>', one symbol per merge, SOT and EOT)."""
-  return 2 * 256 + len(synthetic_clip.learn_bpe(synthetic_clip.corpus_words())) + 2
-
-
 def synthetic_config(setting: str, clip: synthetic_clip.PretrainConfig, clip_dir: str):
   """ZegOT on the synthetic world with a CLIP pretrained on it (`clip` its architecture)."""
   config = synthetic.world_config(setting)
@@ -84,7 +79,8 @@ def synthetic_config(setting: str, clip: synthetic_clip.PretrainConfig, clip_dir
   m.backbone.update(patch_size=clip.patch_size, width=clip.vision_width,
                     layers=clip.vision_layers, heads=clip.vision_heads, output_dim=clip.embed_dim,
                     mlp_dim=4 * clip.vision_width)
-  m.text_tower.update(vocab_size=synthetic_vocab_size(), context_length=clip.context_length,
+  m.text_tower.update(vocab_size=len(synthetic_clip.vocabulary()[0]),
+                      context_length=clip.context_length,
                       width=clip.text_width, layers=clip.text_layers, heads=clip.text_heads,
                       mlp_dim=4 * clip.text_width)
   m.feature_layers = tuple(range(clip.vision_layers))  # all of them, as the default
@@ -107,28 +103,14 @@ def get_config(arg=None):
     config.model.variant = 'synthetic'
   elif dataset == 'tiny':
     # conftest.tiny_synthetic_clip's CLIP: 32 px, patch 8, width 32, one block per tower.
-    clip = synthetic_clip.PretrainConfig(
-        image_size=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-        text_layers=1, text_heads=2, embed_dim=32)
-    config = synthetic_config(setting, clip, '')  # set --config.clip
-    config.data.synthetic = dict(image_size=32, num_train=1024, num_val=16, seed=0)
-    config.data.num_threads = 1
+    config = synthetic_config(setting, synthetic_clip.PretrainConfig(**tiny.CLIP), '')
+    tiny.shrink(config)  # set --config.clip
     config.model.num_context = 4  # a shorter prompt: seconds, not minutes
     config.model.text_template = ' '.join(['X'] * 4) + ' {}.'
     config.model.num_prompts = 2
     config.model.head.update(decoder_layers=2, dropout=0.1)
     config.model.ot.max_iterations = 20  # two shared CPU cores
-    config.batch_size = 8
     config.num_train_steps = 4
-    config.optimizer.lr = 1e-4
-    config.schedule.warmup_steps = 100
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.async_checkpointing = False
-    config.tensorboard = False
-    config.eval.crop_size = 32
-    config.eval.stride = 32
-    config.eval.num_overlays = 2
     config.model.variant = 'tiny'
   else:
     raise ValueError(f'configs/zegot.py:{arg}: unknown dataset {dataset!r}; use one of '

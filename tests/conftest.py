@@ -22,6 +22,22 @@ def run_python(args, timeout=600) -> subprocess.CompletedProcess:
   return proc
 
 
+def assert_clip_towers_unchanged(workdir, clip_dir, towers_at: dict) -> tuple[dict, dict]:
+  """Asserts that the checkpoint in `workdir` holds every weight of the CLIP in `clip_dir`
+  unchanged, under `towers_at` ({model subtree: CLIP tower}, e.g. {'backbone': 'visual'}).
+  Returns (the checkpoint's flat parameters, the CLIP's towers)."""
+  from otseg_jax import params as params_lib
+  from otseg_jax.models import clip_weights
+  trained = params_lib.flat(params_lib.load_params_any(workdir))
+  _, towers = clip_weights.load_clip(clip_dir, image_size=32)
+  for sub, tower in towers_at.items():
+    flat = params_lib.flat(towers[tower])
+    assert flat, f'CLIP tower {tower!r} is empty'
+    for name, value in flat.items():
+      np.testing.assert_array_equal(trained[f'{sub}/{name}'], value, err_msg=f'{sub}/{name}')
+  return trained, towers
+
+
 def shared_path(*parts: str) -> pathlib.Path:
   """Path inside ../shared; skips the test when absent, fails when OTSEG_REQUIRE_SHARED=1."""
   path = SHARED.joinpath(*parts)
@@ -59,11 +75,10 @@ def otseg_holdout():
 def tiny_synthetic_clip(tmp_path_factory):
   """(directory, PretrainConfig) of a tiny CLIP pretrained on the synthetic world, once per session:
   32 px, width 32, one block per tower, 8 steps (seconds)."""
+  from configs import tiny
   from otseg_jax.data import synthetic_clip
-  config = synthetic_clip.PretrainConfig(
-      image_size=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-      text_layers=1, text_heads=2, embed_dim=32, steps=8, batch_size=32, warmup_steps=2,
-      eval_images=24, eval_seg_images=8)
+  config = synthetic_clip.PretrainConfig(**tiny.CLIP, steps=8, batch_size=32, warmup_steps=2,
+                                         eval_images=24, eval_seg_images=8)
   directory = tmp_path_factory.mktemp('synthetic_clip') / 'clip'
   synthetic_clip.write_pretrained(directory, config, log_every=2, progress=False)
   return directory, config

@@ -11,8 +11,8 @@ from PIL import Image
 import pytest
 
 from configs import ldvc as ldvc_configs
+from conftest import assert_clip_towers_unchanged
 from conftest import run_python
-from otseg_jax import params as params_lib
 from otseg_jax import text_embeddings
 from otseg_jax import tokenizer as tokenizer_lib
 from otseg_jax.models import clip
@@ -113,11 +113,8 @@ def test_ldvc_trains_evaluates_and_predicts(tmp_path, tiny_synthetic_clip):
   assert np.isfinite(metrics[0]['train/decoder.loss_mask'])
 
   # Trained: the visual and text prompts and the head; both CLIP towers are CLIP's, untouched.
-  trained = params_lib.flat(params_lib.load_params_any(workdir))
-  _, towers = clip_weights.load_clip(clip_dir, image_size=32)
-  for sub, tower in (('backbone', 'visual'), ('text_encoder/text', 'text')):
-    for name, value in params_lib.flat(towers[tower]).items():
-      np.testing.assert_array_equal(trained[f'{sub}/{name}'], value, err_msg=name)
+  trained, towers = assert_clip_towers_unchanged(
+      workdir, clip_dir, {'backbone': 'visual', 'text_encoder/text': 'text'})
   assert any(k.startswith('decode_head/layers_0/route_attn/') for k in trained)
   # The trainer called init_after_load: two warm-up steps later the deep text prompts are still
   # the template's hidden states, to the few 1e-5 the updates moved them.

@@ -16,12 +16,11 @@ from PIL import Image
 import pytest
 
 from configs import zegot as zegot_configs
+from conftest import assert_clip_towers_unchanged
 from conftest import run_python
 from otseg_jax import losses
 from otseg_jax import models
-from otseg_jax import params as params_lib
 from otseg_jax.models import clip
-from otseg_jax.models import clip_weights
 from otseg_jax.models import ot_layers
 from otseg_jax.models import zegot
 
@@ -257,13 +256,8 @@ def test_zegot_trains_with_frozen_clip_evaluates_and_predicts(tmp_path, tiny_syn
   assert 'train/score.loss_mask' in train[0] and 'train/decode.loss_dice' in train[0]
 
   # Every CLIP weight is CLIP's after training; the context vectors moved.
-  trained = params_lib.flat(params_lib.load_params_any(workdir))
-  _, towers = clip_weights.load_clip(clip_dir, image_size=32)
-  for sub, tower in (('backbone', 'visual'), ('prompt_learner/text', 'text')):
-    flat = params_lib.flat(towers[tower])
-    assert flat
-    for name, value in flat.items():
-      np.testing.assert_array_equal(trained[f'{sub}/{name}'], value, err_msg=f'{sub}/{name}')
+  trained, _ = assert_clip_towers_unchanged(
+      workdir, clip_dir, {'backbone': 'visual', 'prompt_learner/text': 'text'})
   assert {k for k in trained if not k.startswith(('backbone/', 'prompt_learner/text/',
                                                   'decode_head/'))} == {'prompt_learner/context'}
 
