@@ -332,7 +332,7 @@ def main(argv=None) -> int:
   cpus = sorted(os.sched_getaffinity(0))[:args.threads]
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
-                        f' --xla_force_host_platform_device_count=1').strip())
+                        ' --xla_force_host_platform_device_count=1').strip())
   results = {}
   for figure in args.figures.split(','):
     cmd = [sys.executable, os.path.abspath(__file__), '--figure', figure, '--runs',

@@ -128,7 +128,6 @@ def test_transformers_clipmodel_reads_the_directory_and_agrees(tiny_synthetic_cl
 
 
 def test_tokenizer_round_trips_every_class_name(tiny_synthetic_clip):
-  from otseg_jax.models import clip_weights
   directory, _ = tiny_synthetic_clip
   tokenizer = tokenizer_lib.load_tokenizer(directory)
   eot = tokenizer.eos_token_id

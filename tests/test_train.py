@@ -221,7 +221,7 @@ def test_sigterm_then_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, ja
   _wait_for_checkpoint(proc, workdir, stopped + 8)
   proc.kill()
   _, err = proc.communicate(timeout=60)
-  assert f'Resumed from' in err and f'at step {stopped}' in err, err[-4000:]
+  assert 'Resumed from' in err and f'at step {stopped}' in err, err[-4000:]
   killed_at = _steps(workdir)[-1]
   assert killed_at < 40, 'the run finished before it could be killed'
 
