@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) demo_output
