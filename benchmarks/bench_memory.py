@@ -4,7 +4,11 @@ r"""Memory of the train step on CPU against remat, donation and dtype, and what 
   python benchmarks/bench_memory.py --only voc_none,voc_block --steps 2
 
 The trainer's own step (`bench_train.train_figure`: jit, the state donated unless said otherwise,
-random weights and batches, batch 1), each choice in its own process pinned to --threads CPUs.
+in XLA-owned buffers, freed host memory returned before and after compiling; random weights and
+batches, batch 1), each choice in its own process pinned to --threads CPUs, under this process's
+XLA_FLAGS (the table says which), e.g.
+  XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false python benchmarks/bench_memory.py \
+      --out benchmarks/results/memory/scheduler_off
 Per choice:
   - resident memory (RSS) after the state is built, the peak through compilation, and the peak
     while the compiled step runs (a thread samples /proc/self/statm every 2 ms);
@@ -12,7 +16,7 @@ Per choice:
   - the median step time and the compile time.
 The authors' PyTorch peaks (issue 17, 2 threads, the process's maximum RSS): 2.1 GB at the VOC
 config, 6.5 GB at COCO-Stuff's. Writes OUT/memory.json and OUT/memory.md (default
-benchmarks/results/).
+benchmarks/results/memory/).
 """
 
 import argparse
@@ -86,7 +90,8 @@ def _child(name: str, steps: int) -> dict:
     marks['rss_after_compile_gb'] = _rss_gb()
     sampler.reset()
 
-  figure = bench_train.train_figure(config, 1, steps, 1, donate=donate, on_compiled=on_compiled)
+  figure = bench_train.train_figure(config, 1, steps, 1, donate=donate, on_compiled=on_compiled,
+                                    cache_params=False)
   sampler.running = False
   return dict(name=name, config=spec, remat=remat, dtype=dtype, donate=donate,
               step_s=figure['step_ms'] / 1e3, compile_s=figure['compile_s'],
@@ -97,7 +102,8 @@ def _child(name: str, steps: int) -> dict:
 
 def markdown(rows: list[dict], threads: int, load: list) -> str:
   lines = [f'Train step on CPU, {threads} threads, batch 1, random weights, the trainer\'s jit '
-           f'step; load average (1, 5, 15 min) before / after: {load[0]} / {load[1]}.', '',
+           f'step; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average (1, 5, 15 min) '
+           f'before / after: {load[0]} / {load[1]}.', '',
            '| config | remat | dtype | donated | step (s) | compile (s) | XLA estimate (GiB) | '
            'RSS peak through compile (GB) | RSS peak while stepping (GB) | authors\' peak (GB) |',
            '|---|---|---|---|---:|---:|---:|---:|---:|---:|']
@@ -118,7 +124,7 @@ def main():
   parser.add_argument('--only', default='', help='comma-separated names of CHOICES')
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--threads', type=int, default=2)
-  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results'))
+  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' / 'memory'))
   parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:

@@ -115,11 +115,14 @@ def tower_flops(config, batch: int, train: bool) -> float:
 _PARAMS_CACHE = {}
 
 
-def _init_params(config, model, text: np.ndarray):
-  """`trainer.init_params`, once per architecture: dtype, remat and attention do not change it."""
+def _init_params(config, model, text: np.ndarray, cache: bool = True):
+  """`trainer.init_params`, once per architecture: dtype, remat and attention do not change it.
+  cache=False: computed afresh and not kept (a memory figure must not count a cached copy)."""
   key = (config.model.name, config.model.image_size, text.shape,
          tuple(sorted((k, v) for k, v in config.model.backbone.items()
                       if k not in ('remat', 'attention'))))
+  if not cache:
+    return trainer.init_params(config, model, text, config.seed)
   if key not in _PARAMS_CACHE:
     _PARAMS_CACHE[key] = trainer.init_params(config, model, text, config.seed)
   return _PARAMS_CACHE[key]
@@ -170,17 +173,18 @@ def _setup(config):
 
 def train_figure(config, batch_per_device: int, steps: int, warmup: int,
                  peak_tflops: float | None = None, donate: bool = True,
-                 on_compiled=None) -> dict[str, Any]:
+                 on_compiled=None, cache_params: bool = True) -> dict[str, Any]:
   """Times `trainer.train_step` at `config` on random data; a dict of figures.
 
   `donate`: the state's buffers are donated to the step, as the trainer does; False measures
   what that saves. `on_compiled()` is called between compilation and the timed steps
-  (`bench_memory.py` tells the two peaks apart with it).
+  (`bench_memory.py` tells the two peaks apart with it). The state reaches the step as in the
+  trainer: in XLA-owned buffers, freed host memory returned before and after compiling.
   """
   n_dev, s, k_train, _, replicated, data, _, model = _setup(config)
   batch = batch_per_device * n_dev
   text = _random_text(config, k_train)
-  params = _init_params(config, model, text)
+  params = _init_params(config, model, text, cache=cache_params)
   if config.ft_backbone:
     trainable, frozen = params, {}
   else:
@@ -189,7 +193,9 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
   state = trainer.TrainState(step=np.int32(0), params=trainable, frozen=frozen,
                              opt_state=jax.tree.map(np.asarray, tx.init(trainable)),
                              rng=np.asarray(jax.random.PRNGKey(0), np.uint32))
-  state = jax.device_put(state, replicated)
+  state = devices.xla_owned(jax.device_put(state, replicated))
+  del params, trainable, frozen
+  devices.release_host_memory()
   rng = np.random.default_rng(0)
   batch_arrays = {
       'image': jax.device_put(rng.normal(size=(batch, s, s, 3)).astype(np.float32), data),
@@ -204,6 +210,7 @@ def train_figure(config, batch_per_device: int, steps: int, warmup: int,
   start = time.perf_counter()
   compiled = step.lower(state, batch_arrays, text).compile()
   compile_s = time.perf_counter() - start
+  devices.release_host_memory()
   flops = (compiled.cost_analysis() or {}).get('flops')
   if on_compiled:
     on_compiled()

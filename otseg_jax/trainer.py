@@ -609,9 +609,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_step, model=model, tx=tx, pseudo_labels=pseudo_labels,
       loss_fn=functools.partial(getattr(losses_lib, config.loss.name), **loss_kwargs))
   par = parallel_step(step_fn, config.parallel, devices.make_mesh())
-  state, text = par.put(host_state), par.put(text_train)
+  state, text = devices.xla_owned(par.put(host_state)), par.put(text_train)
   step = int(host_state.step)
   del host_state
+  devices.release_host_memory()
   last_saved = latest
 
   def global_batch(local_batch):
@@ -663,9 +664,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   loop_start = time.time()
   first_step_seconds = None
   results: dict[str, Any] = {}
+  compiled_step = None
   try:
     while step < config.num_train_steps:
-      state, step_metrics = par.step(state, global_batch(next(train_iter)), text)
+      batch = global_batch(next(train_iter))
+      if compiled_step is None:
+        # Compiled ahead of the first call, so that compilation's freed memory is returned
+        # before the step's own buffers are allocated: the run's peak is the step's, not both.
+        compiled_step = par.step.lower(state, batch, text).compile()
+        devices.release_host_memory()
+      state, step_metrics = compiled_step(state, batch, text)
       step += 1
       if interval_step is None:
         jax.block_until_ready(step_metrics)
